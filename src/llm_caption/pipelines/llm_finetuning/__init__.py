@@ -1,0 +1,5 @@
+"""llm_finetuning pipeline."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

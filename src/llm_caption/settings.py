@@ -1,0 +1,24 @@
+"""Project settings. See https://docs.kedro.org/en/stable/kedro_project_setup/settings.html"""
+
+import os
+
+from kedro.config import OmegaConfigLoader
+
+# No command should wait on a telemetry call to the network.
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # Environments (smoke, flickr8k, gpu, ...) override only the keys they name.
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
+}
