@@ -1,0 +1,1 @@
+"""Image captioning: data, encoders, decoders, training, decoding and serving."""

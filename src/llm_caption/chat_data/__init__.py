@@ -1,0 +1,1 @@
+"""Persian chat data: sources, normalisation, validation, sampling and splitting."""

