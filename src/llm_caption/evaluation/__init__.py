@@ -1,0 +1,1 @@
+"""Evaluation metrics: captions (BLEU, METEOR, ROUGE-L, CIDEr-D) and Persian chat answers."""
