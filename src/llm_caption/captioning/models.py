@@ -1,0 +1,210 @@
+"""Caption decoders over a grid of image features, chosen by name from :data:`DECODERS`.
+
+All decoders share one interface so that training and decoding never branch on the architecture:
+
+* ``forward(feats, tokens_in) -> (logits, alphas)`` -- teacher forcing; ``feats`` is ``[B, P, C]``
+  (P grid positions of C channels), ``tokens_in`` is ``[B, T]`` starting with ``<sos>``;
+  ``logits`` is ``[B, T, V]`` (the prediction of the token after each input token),
+  ``alphas`` is ``[B, T, P]`` for attention models and ``None`` otherwise.
+* ``init_state(feats)`` / ``step(state, prev_tokens) -> (logits [B, V], state, alpha [B, P] | None)``
+  / ``reorder_state(state, index)`` -- one decoding step at a time, for greedy and beam search.
+* ``aux_loss(alphas, mask)`` -- the architecture's regulariser (doubly stochastic attention for
+  Show-Attend-and-Tell, zero otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShowTell(nn.Module):
+    """Show and Tell (Vinyals et al., 2015): the pooled image vector is the LSTM's first input."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 256, hidden_dim: int = 512,
+                 dropout: float = 0.3, pad_id: int = 0, num_layers: int = 1) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.image_proj = nn.Sequential(nn.Linear(feature_dim, embed_dim), nn.Dropout(dropout))
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_dim, vocab_size)
+
+    def forward(self, feats: torch.Tensor, tokens_in: torch.Tensor) -> tuple[torch.Tensor, None]:
+        image = self.image_proj(feats.mean(dim=1)).unsqueeze(1)
+        inputs = torch.cat([image, self.dropout(self.embed(tokens_in))], dim=1)
+        out, _ = self.lstm(inputs)
+        return self.fc(self.dropout(out[:, 1:])), None
+
+    def init_state(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, state = self.lstm(self.image_proj(feats.mean(dim=1)).unsqueeze(1))
+        return state
+
+    def step(self, state, prev_tokens: torch.Tensor):
+        out, state = self.lstm(self.embed(prev_tokens).unsqueeze(1), state)
+        return self.fc(out[:, 0]), state, None
+
+    @staticmethod
+    def reorder_state(state, index: torch.Tensor):
+        h, c = state
+        return h.index_select(1, index), c.index_select(1, index)
+
+    def aux_loss(self, alphas, mask) -> torch.Tensor:
+        return torch.zeros(())
+
+
+class AdditiveAttention(nn.Module):
+    """Soft attention (Bahdanau): score each grid position against the decoder state."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.feat_att = nn.Linear(feature_dim, attention_dim)
+        self.hidden_att = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, feats: torch.Tensor, feats_att: torch.Tensor, hidden: torch.Tensor):
+        e = self.score(torch.tanh(feats_att + self.hidden_att(hidden).unsqueeze(1))).squeeze(2)  # [B, P]
+        alpha = torch.softmax(e, dim=1)
+        return (feats * alpha.unsqueeze(2)).sum(dim=1), alpha
+
+
+class ShowAttendTell(nn.Module):
+    """Show, Attend and Tell (Xu et al., 2015): soft attention over the grid with a gating scalar."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 256, hidden_dim: int = 512,
+                 attention_dim: int = 256, dropout: float = 0.3, pad_id: int = 0,
+                 alpha_c: float = 1.0) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.alpha_c = alpha_c
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.attention = AdditiveAttention(feature_dim, hidden_dim, attention_dim)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.f_beta = nn.Linear(hidden_dim, feature_dim)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, feats: torch.Tensor):
+        mean = feats.mean(dim=1)
+        return (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), feats, self.attention.feat_att(feats))
+
+    def _advance(self, state, emb: torch.Tensor):
+        h, c, feats, feats_att = state
+        context, alpha = self.attention(feats, feats_att, h)
+        context = torch.sigmoid(self.f_beta(h)) * context
+        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))
+        return h, (h, c, feats, feats_att), alpha
+
+    def forward(self, feats: torch.Tensor, tokens_in: torch.Tensor):
+        state = self.init_state(feats)
+        emb = self.dropout(self.embed(tokens_in))
+        outs, alphas = [], []
+        for t in range(tokens_in.shape[1]):
+            h, state, alpha = self._advance(state, emb[:, t])
+            outs.append(h)
+            alphas.append(alpha)
+        return self.fc(self.dropout(torch.stack(outs, dim=1))), torch.stack(alphas, dim=1)
+
+    def step(self, state, prev_tokens: torch.Tensor):
+        h, state, alpha = self._advance(state, self.embed(prev_tokens))
+        return self.fc(h), state, alpha
+
+    @staticmethod
+    def reorder_state(state, index: torch.Tensor):
+        return tuple(s.index_select(0, index) for s in state)
+
+    def aux_loss(self, alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Doubly stochastic regularisation: each position's attention summed over the words is pushed to 1."""
+        total = (alphas * mask.unsqueeze(2).to(alphas.dtype)).sum(dim=1)  # [B, P]
+        return self.alpha_c * ((1.0 - total) ** 2).mean()
+
+
+class CNNTransformer(nn.Module):
+    """A Transformer decoder whose memory is the projected feature grid (with learned position embeddings)."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, d_model: int = 256, nhead: int = 4,
+                 num_layers: int = 2, dim_feedforward: int = 1024, dropout: float = 0.1, pad_id: int = 0,
+                 max_len: int = 64, max_positions: int = 256) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.d_model = d_model
+        self.mem_proj = nn.Sequential(nn.Linear(feature_dim, d_model), nn.LayerNorm(d_model))
+        self.mem_pos = nn.Parameter(torch.zeros(max_positions, d_model))
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.pos = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True,
+                                           norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, num_layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.fc = nn.Linear(d_model, vocab_size)
+        nn.init.normal_(self.mem_pos, std=0.02)
+
+    def encode_memory(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.mem_proj(feats) + self.mem_pos[: feats.shape[1]]
+
+    def decode(self, memory: torch.Tensor, tokens_in: torch.Tensor) -> torch.Tensor:
+        length = tokens_in.shape[1]
+        positions = torch.arange(length, device=tokens_in.device)
+        x = self.embed(tokens_in) * math.sqrt(self.d_model) + self.pos(positions)
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens_in.device).triu(1)  # True = hidden
+        padding = tokens_in == self.pad_id
+        out = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=padding, tgt_is_causal=True)
+        return self.fc(self.norm(out))
+
+    def forward(self, feats: torch.Tensor, tokens_in: torch.Tensor):
+        return self.decode(self.encode_memory(feats), tokens_in), None
+
+    def init_state(self, feats: torch.Tensor):
+        memory = self.encode_memory(feats)
+        return memory, torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)
+
+    def step(self, state, prev_tokens: torch.Tensor):
+        memory, tokens = state
+        tokens = torch.cat([tokens, prev_tokens.unsqueeze(1)], dim=1)
+        return self.decode(memory, tokens)[:, -1], (memory, tokens), None
+
+    @staticmethod
+    def reorder_state(state, index: torch.Tensor):
+        return tuple(s.index_select(0, index) for s in state)
+
+    def aux_loss(self, alphas, mask) -> torch.Tensor:
+        return torch.zeros(())
+
+
+DECODERS: dict[str, type[nn.Module]] = {
+    "show_tell": ShowTell,
+    "show_attend_tell": ShowAttendTell,
+    "cnn_transformer": CNNTransformer,
+}
+
+
+def build_decoder(architecture: str, vocab_size: int, feature_dim: int, pad_id: int = 0,
+                  **kwargs: Any) -> nn.Module:
+    """Instantiate the decoder registered as ``architecture`` with its keyword arguments from config."""
+    if architecture not in DECODERS:
+        raise ValueError(f"unknown architecture '{architecture}'; known: {sorted(DECODERS)}")
+    return DECODERS[architecture](vocab_size=vocab_size, feature_dim=feature_dim, pad_id=pad_id, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def caption_loss(model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Teacher-forced cross-entropy of ``tokens`` (``<sos> ... <eos> <pad>...``) ignoring ``<pad>``, plus the regulariser."""
+    tokens_in, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, alphas = model(feats, tokens_in)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=model.pad_id, label_smoothing=label_smoothing)
+    if alphas is not None:
+        loss = loss + model.aux_loss(alphas, targets != model.pad_id)
+    return loss

@@ -1,0 +1,259 @@
+"""Training loop for the caption decoders on cached feature grids.
+
+Teacher forcing with label-smoothed cross-entropy (``<pad>`` ignored), AdamW, ReduceLROnPlateau
+on the validation loss, gradient clipping, early stopping on validation BLEU-4 (greedy). Every
+epoch writes ``last.pt`` (model, optimizer, scheduler, epoch, RNG states, history); the best
+epoch by validation BLEU-4 is kept in ``best.pt``. A rerun with the same configuration resumes
+from ``last.pt`` and ends with the same weights and metrics as an uninterrupted run: the
+batch order of epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the global RNG
+(dropout) is restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decoding import decode_batched, ids_to_words
+from .models import caption_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one captioner (the ``training`` block of the parameters)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    grad_clip: float = 5.0
+    patience: int = 4
+    min_delta: float = 0.0
+    lr_factor: float = 0.5
+    lr_patience: int = 1
+    max_decode_len: int = 30
+    eval_batch_size: int = 256
+    val_bleu_images: int | None = None
+    seed: int = 42
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], seed: int | None = None) -> "TrainConfig":
+        """Config from parameters; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"training parameters: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(params)
+        if seed is not None and "seed" not in values:
+            values["seed"] = int(seed)
+        return cls(**values)
+
+
+@dataclass
+class CaptionSplit:
+    """Captions of one split: the feature row of each caption's image and its token ids ``[M, L]``."""
+
+    image_rows: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
+class CaptionData:
+    """Everything a decoder trains on: the feature cache and the captions that point into it."""
+
+    features: torch.Tensor  # [N, views, P, C] float16
+    train: CaptionSplit
+    val: CaptionSplit
+    val_image_rows: torch.Tensor  # unique feature rows of the validation images
+    val_references: list[list[str]]  # cleaned references per validation image
+    itos: list[str]
+    key: str = ""  # identifies the feature cache entry and the captions (part of the resume fingerprint)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_bleu4: float
+    epochs_run: int
+    resumed_from_epoch: int
+    train_time_s: float
+    best_checkpoint: str
+    last_checkpoint: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def bleu4(references: list[list[str]], hypotheses: list[str]) -> float:
+    """Corpus BLEU-4 (coco-caption implementation, from the evaluation package) of one hypothesis per image."""
+    from llm_caption.evaluation.caption_metrics import CocoBleuScorer
+
+    if not hypotheses:
+        return 0.0
+    gts = {str(i): list(refs) for i, refs in enumerate(references)}
+    res = {str(i): hyp for i, hyp in enumerate(hypotheses)}
+    return float(CocoBleuScorer().score(gts, res).corpus["bleu_4"])
+
+
+def _fingerprint(model: nn.Module, data: CaptionData, cfg: TrainConfig) -> str:
+    payload = {"model": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+               "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+               "features": list(data.features.shape), "train": list(data.train.tokens.shape),
+               "val": list(data.val.tokens.shape), "data_key": data.key, "config": dataclasses.asdict(cfg)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def _batch(data: CaptionData, split: CaptionSplit, idx: torch.Tensor, views: torch.Tensor | None):
+    rows = split.image_rows[idx]
+    view = views[idx] if views is not None else torch.zeros_like(rows)
+    feats = data.features[rows, view].float()
+    tokens = split.tokens[idx]
+    length = int((tokens != 0).sum(dim=1).max())
+    return feats, tokens[:, :length]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: CaptionData, split: CaptionSplit, cfg: TrainConfig) -> float:
+    """Mean teacher-forced loss (same objective as training) over a split, in eval mode."""
+    model.eval()
+    total, batches = 0.0, 0
+    order = torch.arange(split.tokens.shape[0])
+    for lo in range(0, len(order), cfg.eval_batch_size):
+        feats, tokens = _batch(data, split, order[lo: lo + cfg.eval_batch_size], None)
+        total += float(caption_loss(model, feats, tokens, cfg.label_smoothing))
+        batches += 1
+    return total / max(1, batches)
+
+
+def greedy_captions(model: nn.Module, features: torch.Tensor, rows: torch.Tensor, itos: list[str],
+                    cfg: TrainConfig) -> list[str]:
+    """Greedy captions (view 0) of the feature rows ``rows``."""
+    decoded = decode_batched(model, features[rows, 0], cfg.eval_batch_size, beam_size=1, max_len=cfg.max_decode_len)
+    return [" ".join(ids_to_words(t, itos)) for t in decoded.tokens]
+
+
+def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, checkpoint_dir: str | Path,
+                    name: str = "captioner", resume: bool = True,
+                    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``data``; checkpoints in ``checkpoint_dir``; metrics go to the active MLflow run, if any.
+
+    Returns the history and the best checkpoint; ``model`` holds the best weights afterwards.
+    """
+    ckpt_dir = Path(checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    fingerprint = _fingerprint(model, data, cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
+                                                           patience=cfg.lr_patience)
+    history: list[dict[str, float]] = []
+    best, best_epoch, bad_epochs, stopped, start_epoch = float("-inf"), 0, 0, False, 1
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            logger.warning("%s: checkpoint %s was written for another model/data/config; training from scratch",
+                           name, last_path)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
+            bad_epochs, stopped, start_epoch = state["bad_epochs"], state["stopped"], state["epoch"] + 1
+            logger.info("%s: resuming after epoch %d from %s", name, state["epoch"], last_path)
+            if mlflow.active_run() is not None:
+                for record in history:
+                    mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+    resumed_from = start_epoch - 1
+
+    n_train = data.train.tokens.shape[0]
+    n_views = data.features.shape[1]
+    bleu_rows = data.val_image_rows[: cfg.val_bleu_images] if cfg.val_bleu_images else data.val_image_rows
+    bleu_refs = data.val_references[: len(bleu_rows)]
+    t_start = time.perf_counter()
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        gen = _epoch_generator(cfg.seed, epoch)
+        order = torch.randperm(n_train, generator=gen)
+        views = torch.randint(n_views, (n_train,), generator=gen) if n_views > 1 else None
+        total, steps = 0.0, 0
+        bar = tqdm(range(0, n_train, cfg.batch_size), desc=f"{name} epoch {epoch}", unit="batch", leave=False)
+        for lo in bar:
+            feats, tokens = _batch(data, data.train, order[lo: lo + cfg.batch_size], views)
+            loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            total += float(loss)
+            steps += 1
+        train_time = time.perf_counter() - t0
+        train_loss = total / max(1, steps)
+        val_loss = evaluate_loss(model, data, data.val, cfg)
+        hyps = greedy_captions(model, data.features, bleu_rows, data.itos, cfg)
+        val_bleu = bleu4(bleu_refs, hyps)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(val_loss)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_bleu4": val_bleu, "lr": lr,
+                  "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}
+        history.append(record)
+        if val_bleu > best + cfg.min_delta:
+            best, best_epoch, bad_epochs = val_bleu, epoch, 0
+            torch.save({"model": model.state_dict(), "epoch": epoch, "val_bleu4": val_bleu}, best_path)
+        else:
+            bad_epochs += 1
+        stopped = bad_epochs >= cfg.patience
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "stopped": stopped,
+                    "fingerprint": fingerprint,
+                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                            "python": random.getstate()}}, last_path)
+        sample = f"Pred: {hyps[0] if hyps else ''} / GT: {bleu_refs[0][0] if bleu_refs else ''}"
+        logger.info("%s epoch %d: train %.4f val %.4f BLEU-4 %.4f lr %.2e (%.1fs) %s", name, epoch, train_loss,
+                    val_loss, val_bleu, lr, record["epoch_time_s"], sample)
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            mlflow.log_text(sample + "\n", f"samples/epoch_{epoch:03d}.txt")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+        if stopped:
+            logger.info("%s: early stop after epoch %d (no BLEU-4 gain for %d epochs)", name, epoch, cfg.patience)
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    return TrainResult(history=history, best_epoch=best_epoch, best_val_bleu4=best if history else 0.0,
+                       epochs_run=len(history), resumed_from_epoch=resumed_from,
+                       train_time_s=time.perf_counter() - t_start, best_checkpoint=str(best_path),
+                       last_checkpoint=str(last_path))
