@@ -1,0 +1,1 @@
+"""Reporting: comparison tables, plots and the self-contained HTML report."""

@@ -1,0 +1,130 @@
+"""The study's write-up as one self-contained HTML file (Jinja2 template, images base64-embedded).
+
+:func:`build_report_context` turns the run's datasets into plain values; :func:`render_report`
+fills ``templates/report.html.jinja`` with them. Nothing in the page is typed in by hand:
+every number comes from a dataset of the run, and the page links nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One line of the summary: which row wins on ``column`` of a table."""
+
+    label: str
+    column: str
+    greater_is_better: bool
+
+
+#: Summary lines per table: (label, column, direction).
+CHAT_CRITERIA = (
+    Criterion("lowest eval loss on the test split", "eval_loss", False),
+    Criterion("highest chrF against the reference answers", "chrf", True),
+    Criterion("highest ROUGE-L (Persian tokens)", "rouge_l", True),
+    Criterion("highest Persian-script share of the answers", "persian_share", True),
+    Criterion("fewest trainable parameters", "trainable_params", False),
+    Criterion("lowest peak memory", "peak_memory_mb", False),
+    Criterion("shortest training time", "train_time_s", False),
+    Criterion("least repetition", "repetition_rate", False),
+)
+CAPTION_CRITERIA = (
+    Criterion("highest BLEU-4 (coco-caption)", "coco_bleu_4", True),
+    Criterion("highest BLEU-4 (nltk, smoothed)", "nltk_bleu_4", True),
+    Criterion("highest METEOR", "meteor", True),
+    Criterion("highest ROUGE-L", "rouge_l", True),
+    Criterion("highest CIDEr-D", "cider_d", True),
+    Criterion("fewest parameters", "params", False),
+    Criterion("shortest training time", "train_time_s", False),
+)
+
+
+def png_data_uri(png: bytes | None) -> str | None:
+    """``data:image/png;base64,...`` for ``png`` (``None`` stays ``None``)."""
+    if png is None:
+        return None
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def winners(table: pd.DataFrame, key: str, criteria: Sequence[Criterion], exclude: Sequence[str] = ()) -> list[str]:
+    """One sentence per criterion naming the winning row and its value (criteria without data are skipped)."""
+    rows = table[~table[key].isin(exclude)]
+    sentences = []
+    for crit in criteria:
+        if crit.column not in rows.columns:
+            continue
+        values = pd.to_numeric(rows[crit.column], errors="coerce")
+        if values.notna().sum() == 0:
+            continue
+        best = values.idxmax() if crit.greater_is_better else values.idxmin()
+        sentences.append(f"{crit.label}: {rows.loc[best, key]} ({_fmt(float(values[best]))})")
+    return sentences
+
+
+def flatten_report(report: Mapping[str, Any] | None, prefix: str = "") -> list[tuple[str, str]]:
+    """``[(key.path, value)]`` of the scalar entries of a data report (nested mappings flattened)."""
+    if not report:
+        return []
+    out: list[tuple[str, str]] = []
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.extend(flatten_report(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            if len(value) <= 8 and all(not isinstance(v, (Mapping, list)) for v in value):
+                out.append((name, ", ".join(_fmt(v) for v in value)))
+        else:
+            out.append((name, _fmt(value)))
+    return out
+
+
+def best_and_worst(per_image: pd.DataFrame, architecture: str, split: str = "test", metric: str = "cider_d",
+                   k: int = 3) -> dict[str, list[dict[str, str]]]:
+    """The ``k`` best and worst images of ``architecture`` on ``split`` by a per-image ``metric``."""
+    rows = per_image[(per_image["architecture"] == architecture) & (per_image["split"] == split)]
+    if rows.empty or metric not in rows.columns:
+        return {"best": [], "worst": []}
+    ordered = rows.sort_values([metric, "image_id"], ascending=[False, True], kind="stable")
+
+    def pack(frame: pd.DataFrame) -> list[dict[str, str]]:
+        return [{"image_id": str(r["image_id"]), "score": _fmt(float(r[metric])), "prediction": str(r["prediction"]),
+                 "reference": str(list(r["references"])[0])} for _, r in frame.iterrows()]
+
+    return {"best": pack(ordered.head(k)), "worst": pack(ordered.tail(k).iloc[::-1])}
+
+
+def render_report(context: Mapping[str, Any], template: str = "report.html.jinja") -> str:
+    """Fill the report template with ``context`` (auto-escaped; tables are pre-rendered HTML)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                             autoescape=jinja2.select_autoescape(["html", "jinja"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env.get_template(template).render(**context)
+
+
+def generated_at() -> str:
+    """UTC time stamp for the report header."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

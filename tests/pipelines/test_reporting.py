@@ -1,0 +1,58 @@
+"""The evaluation and reporting pipelines chained through Kedro's runner: tables, figures, one offline HTML report."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from test_evaluation import METHOD_ANSWERS, PREDICTIONS, write_upstream
+
+from conftest import run_pipeline
+
+FIGURES = ("chat_loss_curves", "chat_method_bars", "caption_loss_curves", "caption_metric_bars",
+           "caption_samples_grid", "attention_heatmaps")
+
+
+def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_project):
+    write_upstream(kedro_project)
+    reporting = kedro_project / "data" / "08_reporting"
+    # One EDA figure exists (as data_engineering would write it), the others are missing.
+    (reporting / "caption_length_plot.png").write_bytes(
+        (kedro_project / "data" / "01_raw" / "images" / "red_square.png").read_bytes())
+    run_pipeline(kedro_project, "evaluation")
+    run_pipeline(kedro_project, "reporting")
+
+    chat = pd.read_csv(reporting / "chat_methods_table.csv")
+    assert chat["method"].tolist()[:2] == ["lora", "prompt_tuning"]  # sorted by eval loss
+    assert chat["method"].iloc[-1].startswith("base model")
+    caption = pd.read_csv(reporting / "caption_models_table.csv")
+    assert set(caption["architecture"]) == set(PREDICTIONS)
+    assert caption[["coco_bleu_4", "meteor", "cider_d", "rouge_l", "params"]].notna().all().all()
+    assert "| Method" in (reporting / "chat_methods_table.md").read_text(encoding="utf-8")
+    for name in FIGURES:
+        assert (reporting / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    page = (reporting / "report.html").read_text(encoding="utf-8")
+    # self-contained: no external resources
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page
+    images = re.findall(r'<img src="data:image/png;base64,', page)
+    assert len(images) == len(FIGURES) + 1  # + the one EDA figure present
+    assert page.count("not produced by this run") == 4  # the four missing EDA figures
+    # numbers come from the run's datasets
+    cider = caption.set_index("architecture")["cider_d"]
+    best = cider.idxmax()
+    assert f"highest CIDEr-D: {best} ({cider[best]:.4g})" in page
+    assert "lowest eval loss on the test split: lora (1.5)" in page
+    for method in METHOD_ANSWERS:
+        assert method in page
+    assert "Kedro environment: <b>smoke</b>" in page and "seed: <b>42</b>" in page
+    assert "SPICE" in page
+    assert "پایتخت ایران" in page  # Persian samples are embedded
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{kedro_project / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llm_caption")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    assert "report.html" in artifacts
