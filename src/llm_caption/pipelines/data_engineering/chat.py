@@ -58,6 +58,9 @@ def measure_chat_token_lengths(records: list[ChatRecord], chat_data: dict[str, A
 
     if llm_model not in llm_models:
         raise KeyError(f"Parameter llm_model={llm_model!r} is not in llm_models ({sorted(llm_models)})")
+    if not any(r.accepted for r in records):
+        logger.warning("No accepted chat conversation to measure; the tokenizer is not loaded")
+        return list(records)
     tokenizer = load_tokenizer(llm_models[llm_model])
     out = apply_length_filter(records, tokenizer, int(chat_data["max_seq_len"]))
     check_accounting(records, out)

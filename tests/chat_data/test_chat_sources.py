@@ -1,0 +1,99 @@
+"""Reading sources: each file format, the embedded chatterbot corpus, and every kind of bad input.
+
+Bad inputs are real bytes written to a temp dir; each must come back as a rejected record with
+its reason and line number, and no record may be lost.
+"""
+
+import json
+
+import pandas as pd
+import pytest
+
+from llm_caption.chat_data.records import check_accounting
+from llm_caption.chat_data.sources import read_sources
+
+GOOD = {"messages": [{"role": "user", "content": "سلام"}, {"role": "assistant", "content": "درود"}]}
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def test_chatterbot_default_source():
+    records = read_sources([{"type": "chatterbot", "language": "persian"}])
+    assert len(records) == 773
+    assert sum(len(r.record) for r in records) == 3264
+    assert all(r.accepted and len(r.messages) % 2 == 0 for r in records)
+    assert sum(r.notes.get("trailing_user_turns_dropped", 0) for r in records) == 334
+    assert records[0].source == "chatterbot_corpus/data/persian/computers.yml" and records[0].line == 1
+    kept = read_sources([{"type": "chatterbot", "language": "persian", "odd_chain": "keep"}])
+    assert sum(len(r.messages) % 2 == 1 for r in kept) == 334
+
+
+def test_jsonl_bad_inputs_each_rejected_with_reason_and_line(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    lines = [
+        _line(GOOD),                                                             # 1 ok
+        b'{"messages": [{"role": "user", "content": "\xd8\xb3\xd9\x84\xff\xfe"}]}\n',  # 2 invalid utf-8
+        b'{"messages": [{"role": "user", "content": "trunc\n',                 # 3 truncated JSON
+        _line({"text": "بدون پیام"}),                                            # 4 no messages key
+        _line({"messages": [{"role": "bot", "content": "x"}]}),                 # 5 unknown role
+        _line({"conversations": [{"from": "human", "value": "سلام"}, {"from": "gpt", "value": ""}]}),  # 6 empty
+        b"\n",                                                                   # 7 blank line
+        _line([1, 2, 3]),                                                        # 8 not an object
+        _line({"conversations": [{"from": "human", "value": "سلام"}, {"from": "gpt", "value": "درود"}]}),  # 9 ok
+    ]
+    path.write_bytes(b"".join(lines))
+    records = read_sources([{"type": "file", "path": str(path)}])
+    got = {r.line: r.reason for r in records}
+    assert got == {1: None, 2: "invalid_utf8", 3: "malformed_json", 4: "missing_messages", 5: "unknown_role",
+                   6: None, 7: "empty_record", 8: "not_an_object", 9: None}  # line 6 is empty only after parsing
+    assert "0xff" in records[1].detail or "\\xff" in records[1].detail
+    assert records[1].record.endswith('\\xff\\xfe"}]}')  # raw bytes kept, escaped
+    assert all(r.source == str(path) for r in records)
+
+
+def test_json_list_and_parquet_records(tmp_path):
+    json_path = tmp_path / "chat.json"
+    json_path.write_text(json.dumps([GOOD, {"nope": 1}], ensure_ascii=False), encoding="utf-8")
+    records = read_sources([{"type": "file", "path": str(json_path)}])
+    assert [(r.line, r.reason) for r in records] == [(1, None), (2, "missing_messages")]
+
+    parquet_path = tmp_path / "chat.parquet"
+    pd.DataFrame({"messages": [GOOD["messages"], [{"role": "critic", "content": "x"}]]}).to_parquet(parquet_path)
+    records = read_sources([{"type": "file", "path": str(parquet_path), "format": "openai"}])
+    assert [(r.line, r.reason) for r in records] == [(1, None), (2, "unknown_role")]
+    assert records[0].messages == tuple(GOOD["messages"])
+
+
+def test_unparseable_json_file_is_one_rejected_record_with_its_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": [}\n]', encoding="utf-8")
+    (record,) = read_sources([{"type": "file", "path": str(path)}])
+    assert record.reason == "malformed_json" and record.line == 3
+
+
+def test_sources_are_pooled_and_accounted(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(_line(GOOD) + b"not json\n")
+    records = read_sources([{"type": "file", "path": str(path)}, {"type": "chatterbot"}])
+    assert len(records) == 2 + 773
+    check_accounting(records, list(reversed(records)))
+    with pytest.raises(AssertionError, match="input 775, accepted .* = 774"):
+        check_accounting(records, records[1:])
+
+
+def test_missing_path_names_the_path_and_the_parameter(tmp_path):
+    missing = tmp_path / "nowhere" / "chat.jsonl"
+    with pytest.raises(FileNotFoundError) as err:
+        read_sources([{"type": "chatterbot"}, {"type": "file", "path": str(missing)}])
+    assert str(missing) in str(err.value) and "chat_data.sources[1].path" in str(err.value)
+
+
+def test_unknown_source_type_and_suffix(tmp_path):
+    with pytest.raises(ValueError, match=r"chat_data.sources\[0\].type='ftp'"):
+        read_sources([{"type": "ftp"}])
+    path = tmp_path / "chat.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        read_sources([{"type": "file", "path": str(path)}])
