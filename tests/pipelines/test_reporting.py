@@ -67,3 +67,5 @@ def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_proje
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
     assert "report.html" in artifacts
+    figures = [a.path for a in client.list_artifacts(runs[0].info.run_id, "reporting/figures")]
+    assert {f"reporting/figures/{name}.png" for name in FIGURES} <= set(figures)
