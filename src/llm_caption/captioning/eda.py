@@ -65,13 +65,16 @@ def caption_samples_figure(images: pd.DataFrame, captions: pd.DataFrame, n: int 
     rng = np.random.default_rng(seed)
     chosen = pool.iloc[np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
     by_image = captions.groupby("image_id")["caption"].apply(list).to_dict()
-    fig = Figure(figsize=(3.4 * max(len(chosen), 1), 5.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, max(len(chosen), 1)))
-    for ax, (_, row) in zip(axes, chosen.iterrows()):
-        with Image.open(row["image_path"]) as im:
-            ax.imshow(im.convert("RGB"))
+    n_cols = max(len(chosen), 1)
+    fig = Figure(figsize=(3.4 * n_cols, 6.4), layout="constrained")
+    axes = fig.subplots(2, n_cols, squeeze=False, gridspec_kw={"height_ratios": [3, 2]})
+    for ax in axes.ravel():
         ax.set_axis_off()
-        lines = [textwrap.fill(c, 38) for c in by_image.get(row["image_id"], [])]
-        ax.set_title(row["image_id"], fontsize=8)
-        ax.text(0.0, -0.03, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=7)
+    for col, (_, row) in enumerate(chosen.iterrows()):
+        with Image.open(row["image_path"]) as im:
+            axes[0, col].imshow(im.convert("RGB"))
+        axes[0, col].set_title(row["image_id"], fontsize=8)
+        lines = [textwrap.fill(c, 40) for c in by_image.get(row["image_id"], [])]
+        axes[1, col].text(0.0, 1.0, "\n".join(lines), transform=axes[1, col].transAxes,
+                          va="top", ha="left", fontsize=7)
     return fig

@@ -131,7 +131,8 @@ def plot_caption_samples(images: pd.DataFrame, encoded: pd.DataFrame, params: di
 
 
 def create_captions_pipeline() -> Pipeline:
-    """The caption branch of data_engineering (outputs in docs/datasets.md)."""
+    """The caption branch of data_engineering (outputs in docs/datasets.md); every node is tagged
+    ``caption_data``, so ``kedro run --pipeline=data_engineering --tags=caption_data`` runs this branch alone."""
     return Pipeline([
         node(prepare_caption_source, ["params:caption_data", "params:seed"], "caption_source_info",
              name="prepare_caption_source"),
@@ -154,4 +155,4 @@ def create_captions_pipeline() -> Pipeline:
              ["caption_word_freq_plot", "caption_word_freq_nostop_plot"], name="plot_caption_word_frequencies"),
         node(plot_caption_samples, ["caption_images", "captions_encoded", "params:caption_data", "params:seed"],
              "caption_samples_plot", name="plot_caption_samples"),
-    ])
+    ], tags="caption_data")
