@@ -40,7 +40,29 @@ def kedro_project(tmp_path, monkeypatch) -> Path:
     """A fresh project copy in ``tmp_path``; the working directory is moved there for the test."""
     project = make_project_copy(tmp_path / "project")
     monkeypatch.chdir(project)
+    forget_mlflow_stores()
     return project
+
+
+def forget_mlflow_stores() -> None:
+    """Drop MLflow's cached stores and database engines.
+
+    MLflow caches stores and SQLAlchemy engines by URI string; ``sqlite:///mlruns/mlflow.db`` is
+    relative, so without this a second project copy in the same process would write into the first
+    copy's database.
+    """
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    for store in (TrackingStore, RegistryStore):
+        with store._engine_map_lock:
+            for engine in store._engine_map.values():
+                engine.dispose()
+            store._engine_map.clear()
 
 
 def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
