@@ -139,3 +139,14 @@ def test_too_many_rejections_fail_with_one_clear_message(kedro_project):
         run_chat_branch(kedro_project, params={"chat_data": {"sources": [{"type": "file", "path": str(source)}]}})
     # The rejected records are written before the failure, for inspection.
     assert [r["reason"] for r in read_rejected(kedro_project)] == ["malformed_json", "bad_messages", "invalid_utf8"]
+
+
+def test_persian_instruct_environment_selects_the_shared_file(kedro_project):
+    from kedro.config import OmegaConfigLoader
+
+    from llm_caption.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(kedro_project / "conf"), env="persian_instruct", **CONFIG_LOADER_ARGS)
+    chat_data = loader["parameters"]["chat_data"]
+    assert chat_data["sources"] == [{"type": "file", "path": "../shared/data/persian_chat/chat.jsonl", "format": "openai"}]
+    assert chat_data["n_samples"] == 1000 and chat_data["max_seq_len"] == 512  # the rest comes from base

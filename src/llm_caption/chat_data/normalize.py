@@ -1,5 +1,8 @@
 """A small, documented Persian text normaliser.
 
+hazm, the usual Persian toolkit, needs Python >= 3.12 from version 0.11 on, and its 0.10 release
+pins numpy 1.24 and pulls gensim and fasttext; so the few steps needed here are written out.
+
 Each step is one switch in ``chat_data.normalize`` (parameters_data_engineering_chat.yml):
 
 ``unify_arabic_letters``
