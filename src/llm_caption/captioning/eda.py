@@ -66,8 +66,8 @@ def caption_samples_figure(images: pd.DataFrame, captions: pd.DataFrame, n: int 
     chosen = pool.iloc[np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
     by_image = captions.groupby("image_id")["caption"].apply(list).to_dict()
     n_cols = max(len(chosen), 1)
-    fig = Figure(figsize=(3.4 * n_cols, 6.4), layout="constrained")
-    axes = fig.subplots(2, n_cols, squeeze=False, gridspec_kw={"height_ratios": [3, 2]})
+    fig = Figure(figsize=(3.4 * n_cols, 5.6), layout="constrained")
+    axes = fig.subplots(2, n_cols, squeeze=False, gridspec_kw={"height_ratios": [3, 1.6]})
     for ax in axes.ravel():
         ax.set_axis_off()
     for col, (_, row) in enumerate(chosen.iterrows()):
