@@ -59,7 +59,8 @@ def png_data_uri(png: bytes | None) -> str | None:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A number as the report prints it (thousands separators, 4 significant digits, n/a for NaN)."""
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -80,7 +81,7 @@ def winners(table: pd.DataFrame, key: str, criteria: Sequence[Criterion], exclud
         if values.notna().sum() == 0:
             continue
         best = values.idxmax() if crit.greater_is_better else values.idxmin()
-        sentences.append(f"{crit.label}: {rows.loc[best, key]} ({_fmt(float(values[best]))})")
+        sentences.append(f"{crit.label}: {rows.loc[best, key]} ({fmt(float(values[best]))})")
     return sentences
 
 
@@ -95,9 +96,9 @@ def flatten_report(report: Mapping[str, Any] | None, prefix: str = "") -> list[t
             out.extend(flatten_report(value, name + "."))
         elif isinstance(value, (list, tuple)):
             if len(value) <= 8 and all(not isinstance(v, (Mapping, list)) for v in value):
-                out.append((name, ", ".join(_fmt(v) for v in value)))
+                out.append((name, ", ".join(fmt(v) for v in value)))
         else:
-            out.append((name, _fmt(value)))
+            out.append((name, fmt(value)))
     return out
 
 
@@ -110,7 +111,7 @@ def best_and_worst(per_image: pd.DataFrame, architecture: str, split: str = "tes
     ordered = rows.sort_values([metric, "image_id"], ascending=[False, True], kind="stable")
 
     def pack(frame: pd.DataFrame) -> list[dict[str, str]]:
-        return [{"image_id": str(r["image_id"]), "score": _fmt(float(r[metric])), "prediction": str(r["prediction"]),
+        return [{"image_id": str(r["image_id"]), "score": fmt(float(r[metric])), "prediction": str(r["prediction"]),
                  "reference": str(list(r["references"])[0])} for _, r in frame.iterrows()]
 
     return {"best": pack(ordered.head(k)), "worst": pack(ordered.tail(k).iloc[::-1])}
@@ -121,7 +122,7 @@ def render_report(context: Mapping[str, Any], template: str = "report.html.jinja
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
                              autoescape=jinja2.select_autoescape(["html", "jinja"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = fmt
     return env.get_template(template).render(**context)
 
 

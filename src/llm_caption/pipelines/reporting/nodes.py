@@ -71,7 +71,8 @@ def _run_info() -> tuple[str, str | None]:
 
 
 def _chat_samples(generations: pd.DataFrame, per_method: int) -> list[dict[str, str]]:
-    test = generations[generations["prompt_kind"] == "test"].sort_values(["stage", "method"], kind="stable")
+    test = generations[generations["prompt_kind"] == "test"].fillna({"answer": "", "reference": "", "prompt": ""})
+    test = test.sort_values(["stage", "method"], kind="stable")
     samples = []
     before = test[test["stage"] == "before"]
     if not before.empty:
@@ -95,18 +96,21 @@ def build_report(params: dict[str, Any], seed: int, chat_table: pd.DataFrame, ca
     and grouping come from ``params['figures']``.
     """
     run_id, env = _run_info()
+    # Rows without trainable parameters (the untouched base model) are references, not contenders.
+    untrained = chat_table.loc[pd.to_numeric(chat_table["trainable_params"], errors="coerce") == 0, "method"].tolist()
     split = params["caption_split"]
+    answers_per_method = llm_generations[(llm_generations["prompt_kind"] == "test")
+                                         & (llm_generations["stage"] == "after")].groupby("method").size()
     test_preds = caption_predictions[caption_predictions["split"] == split]
     sizes = [
-        ("chat fine-tuning methods", len(chat_table[chat_table["method"] != tables.BASE_ROW])),
-        ("chat test answers scored per method",
-         int(llm_generations[(llm_generations["prompt_kind"] == "test") & (llm_generations["stage"] == "after")]
-             .groupby("method").size().max() or 0)),
+        ("chat fine-tuning methods (without the untrained base model)",
+         int((~chat_table["method"].isin([tables.BASE_ROW, *untrained])).sum())),
+        ("chat test answers scored per method", int(answers_per_method.max()) if len(answers_per_method) else 0),
         ("captioning architectures", len(caption_table)),
         *[(f"caption {s} images scored", int(caption_predictions[caption_predictions["split"] == s]["image_id"].nunique()))
           for s in sorted(caption_predictions["split"].unique())],
         (f"reference captions per {split} image (mean)",
-         report_html._fmt(float(test_preds["references"].map(len).mean())) if len(test_preds) else "n/a"),
+         report_html.fmt(float(test_preds["references"].map(len).mean())) if len(test_preds) else "n/a"),
     ]
     sections: dict[str, list[dict[str, Any]]] = {"chat": [], "caption": [], "eda": []}
     for name, spec in params["figures"].items():
@@ -123,10 +127,11 @@ def build_report(params: dict[str, Any], seed: int, chat_table: pd.DataFrame, ca
     context = {
         "title": params["title"], "generated_at": report_html.generated_at(),
         "environment": env or params.get("default_environment_label", "local"), "seed": seed,
-        "mlflow_run_id": run_id, "sizes": [(k, report_html._fmt(v)) for k, v in sizes],
+        "mlflow_run_id": run_id, "sizes": [(k, report_html.fmt(v)) for k, v in sizes],
         "chat_data_rows": report_html.flatten_report(chat_data_report),
         "caption_data_rows": report_html.flatten_report(caption_data_report),
-        "chat_summary": report_html.winners(chat_table, "method", report_html.CHAT_CRITERIA, exclude=[tables.BASE_ROW]),
+        "chat_summary": report_html.winners(chat_table, "method", report_html.CHAT_CRITERIA,
+                                            exclude=[tables.BASE_ROW, *untrained]),
         "caption_summary": report_html.winners(caption_table, "architecture", report_html.CAPTION_CRITERIA),
         "caption_split": split, "chat_table_html": chat_table_html, "caption_table_html": caption_table_html,
         "chat_figures": sections["chat"], "caption_figures": sections["caption"], "eda_figures": sections["eda"],
