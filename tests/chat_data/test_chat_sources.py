@@ -97,3 +97,10 @@ def test_unknown_source_type_and_suffix(tmp_path):
     path.write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported file type '.csv'"):
         read_sources([{"type": "file", "path": str(path)}])
+
+
+def test_chatterbot_package_and_language_errors_name_the_parameter():
+    with pytest.raises(FileNotFoundError, match=r"'no_such_corpus' \(parameter chat_data.sources\[0\].package\)"):
+        read_sources([{"type": "chatterbot", "package": "no_such_corpus"}])
+    with pytest.raises(FileNotFoundError, match=r"chat_data.sources\[0\].language='klingon'"):
+        read_sources([{"type": "chatterbot", "language": "klingon"}])

@@ -12,23 +12,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 
 GOOD_QA = [("سلام، حالت چطوره؟", "خوبم، ممنون."), ("پایتخت ایران کجاست؟", "تهران."),
            ("دو به علاوه دو چند می‌شود؟", "چهار."), ("رنگ آسمان چیست؟", "آبی.")]
-
-
-def pin_tracking_store(project: Path, env: str) -> None:
-    """Point the temp project's MLflow store at its own absolute path.
-
-    MLflow caches one store (and one SQLAlchemy engine) per tracking URI, so the relative
-    ``sqlite:///mlruns/mlflow.db`` would keep writing to the database of the first project
-    this test process opened.
-    """
-    conf = project / "conf" / env / "mlflow.yml"
-    config = yaml.safe_load(conf.read_text(encoding="utf-8")) if conf.exists() else {}
-    config.setdefault("server", {})["mlflow_tracking_uri"] = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
-    conf.write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
 def run_chat_branch(project: Path, env: str = "smoke", params: dict | None = None) -> None:
@@ -36,7 +22,6 @@ def run_chat_branch(project: Path, env: str = "smoke", params: dict | None = Non
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    pin_tracking_store(project, env)
     bootstrap_project(project)
     try:
         with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:

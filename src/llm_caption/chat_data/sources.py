@@ -21,6 +21,7 @@ with the reason and the line / record number. Only a missing source raises here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,14 +59,21 @@ def _require_path(spec: Mapping[str, Any], key: str, where: str) -> Path:
 # --------------------------------------------------------------------------- chatterbot-corpus
 
 
+def _package_dir(package: str, where: str) -> Path:
+    """Directory of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Package {package!r} (parameter {where}.package) is not installed; "
+                                f"install it with `pip install {package.replace('_', '-')}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def read_chatterbot(spec: Mapping[str, Any], where: str, sharegpt_roles: Mapping[str, str] | None = None) -> list[ChatRecord]:
     """Every conversation of ``chatterbot_corpus/data/<language>/*.yml`` as alternating user/assistant turns."""
     import yaml
 
-    from llm_caption.llm.models import package_dir
-
     language = spec.get("language", "persian")
-    directory = package_dir(spec.get("package", "chatterbot_corpus")) / "data" / language
+    directory = _package_dir(spec.get("package", "chatterbot_corpus"), where) / "data" / language
     if not directory.is_dir():
         raise FileNotFoundError(f"Chatterbot corpus folder {directory} does not exist; "
                                 f"the language is set by parameter {where}.language={language!r}")
@@ -73,11 +81,12 @@ def read_chatterbot(spec: Mapping[str, Any], where: str, sharegpt_roles: Mapping
     if odd_chain not in ("drop_last_turn", "keep"):
         raise ValueError(f"Parameter {where}.odd_chain={odd_chain!r}; expected drop_last_turn or keep")
     parser = get_parser("chain")
+    safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when available: ~10x faster
     records: list[ChatRecord] = []
     for path in sorted(directory.glob(spec.get("files", "*.yml"))):
         source = f"chatterbot_corpus/data/{language}/{path.name}"
         try:
-            conversations = yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]
+            conversations = yaml.load(path.read_text(encoding="utf-8"), Loader=safe_loader)["conversations"]
         except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not a chatterbot corpus file with a `conversations` list ({err})") from err
         for index, chain in enumerate(conversations, start=1):
