@@ -60,3 +60,10 @@ def test_length_summary_and_histogram():
     ax = fig.axes[0]
     assert ax.lines[0].get_xdata()[0] == 256  # the cut-off line
     assert "3 of 4 fit" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_first_rejection_per_reason_names_one_example_each():
+    from llm_caption.chat_data.records import first_rejection_per_reason
+
+    first = first_rejection_per_reason(_records())
+    assert {k: v.location for k, v in first.items()} == {"duplicate": "a.jsonl:3", "malformed_json": "a.jsonl:2"}

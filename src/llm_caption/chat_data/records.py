@@ -67,6 +67,15 @@ def reason_counts(records: Sequence[ChatRecord]) -> dict[str, int]:
     return dict(sorted(Counter(r.reason for r in records if r.reason is not None).items()))
 
 
+def first_rejection_per_reason(records: Sequence[ChatRecord]) -> dict[str, ChatRecord]:
+    """The first rejected record of each reason, to name one example in the log."""
+    first: dict[str, ChatRecord] = {}
+    for r in records:
+        if r.reason is not None:
+            first.setdefault(r.reason, r)
+    return dict(sorted(first.items()))
+
+
 def check_accounting(inputs: Sequence[ChatRecord], outputs: Sequence[ChatRecord]) -> None:
     """Raise unless ``outputs`` holds every input record exactly once (accepted + rejected = input)."""
     keys_in = [(r.source, r.line) for r in inputs]

@@ -97,6 +97,10 @@ def read_chatterbot(spec: Mapping[str, Any], where: str, sharegpt_roles: Mapping
             records.append(record)
     if not records:
         raise FileNotFoundError(f"No conversations found under {directory} (parameter {where})")
+    trimmed = sum(r.notes.get("trailing_user_turns_dropped", 0) for r in records)
+    if trimmed:
+        logger.info("Dropped the trailing user turn of %d odd-length chains (%s.odd_chain=drop_last_turn)",
+                    trimmed, where)
     return records
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from kedro.pipeline import Pipeline, node
 
 from llm_caption.chat_data.normalize import PersianNormalizer
-from llm_caption.chat_data.records import ChatRecord, check_accounting
+from llm_caption.chat_data.records import ChatRecord, check_accounting, first_rejection_per_reason
 from llm_caption.chat_data.report import (check_rejected_share, conversations_frame, metrics_from_report,
                                           rejected_frame, rejection_summary)
 from llm_caption.chat_data.sources import read_sources
@@ -73,6 +73,9 @@ def collect_rejected_chats(raw: list[ChatRecord], final: list[ChatRecord]) -> tu
     summary = rejection_summary(final)
     logger.info("Chat records: %d input, %d accepted, %d rejected %s", summary["input"], summary["accepted"],
                 summary["rejected"], summary["rejected_by_reason"])
+    for reason, example in first_rejection_per_reason(final).items():
+        logger.warning("Rejected %d chat record(s) as %s, e.g. %s: %s", summary["rejected_by_reason"][reason],
+                       reason, example.location, example.detail)
     return rejected_frame(final), summary
 
 
