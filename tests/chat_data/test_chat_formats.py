@@ -34,12 +34,17 @@ def test_chain_alternates_from_user():
     ({"messages": [{"role": "user"}]}, "bad_messages"),
     ({"messages": [{"role": "user", "content": 5}]}, "bad_messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "unknown_role"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "unknown_role"),
     ({"conversations": [{"from": "bot", "value": "x"}]}, "unknown_role"),
 ])
 def test_bad_records_raise_with_reason(record, reason):
     with pytest.raises(RecordError) as err:
         parse_auto(record)
     assert err.value.reason == reason
+
+
+def test_empty_message_list_parses_and_is_left_to_validation():
+    assert parse_auto({"messages": []}) == []
 
 
 def test_unknown_format_is_a_clear_error():

@@ -37,7 +37,7 @@ def _messages_from(items: Any, key: str, role_key: str, content_key: str,
         if role_key not in item or content_key not in item:
             raise RecordError("bad_messages", f"`{key}[{i}]` lacks `{role_key}` or `{content_key}`")
         role, content = item[role_key], item[content_key]
-        if role not in role_map:
+        if not isinstance(role, str) or role not in role_map:
             raise RecordError("unknown_role", f"`{key}[{i}].{role_key}` is {role!r}; expected one of {sorted(role_map)}")
         if content is None:
             content = ""
