@@ -104,3 +104,10 @@ def test_chatterbot_package_and_language_errors_name_the_parameter():
         read_sources([{"type": "chatterbot", "package": "no_such_corpus"}])
     with pytest.raises(FileNotFoundError, match=r"chat_data.sources\[0\].language='klingon'"):
         read_sources([{"type": "chatterbot", "language": "klingon"}])
+
+
+def test_hub_source_without_hub_access_names_the_dataset_and_parameter(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"'some-org/persian-chat' split 'train\[:5\]' \(parameter chat_data.sources\[0\].dataset_id\)"):
+        read_sources([{"type": "hub", "dataset_id": "some-org/persian-chat", "max_records": 5}])
