@@ -7,6 +7,8 @@ A *model spec* is a mapping from ``parameters.yml`` (``llm_models.<name>``)::
     gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf
     model_id: meta-llama/Llama-3.2-3B-Instruct   # source=hub (or a local directory for source=local)
     chat_template: null                 # optional Jinja template file (package-relative) for base models
+    train_chat_template: templates/smollm2_train.jinja  # same rendering, with {% generation %} markers
+    pad_token: <|endoftext|>            # explicit pad token (never the end-of-turn token)
     quantization: null | {load_in_4bit: true, bnb_4bit_quant_type: nf4, ...}
     dtype: float32
 
@@ -64,10 +66,70 @@ def load_tokenizer(spec: Mapping[str, Any]):
     if spec.get("chat_template"):
         template_path = Path(__file__).parent / spec["chat_template"]
         tokenizer.chat_template = template_path.read_text(encoding="utf-8")
+    if spec.get("pad_token"):
+        if spec["pad_token"] not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token {spec['pad_token']!r} of the model spec is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = spec["pad_token"]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer has no pad token; using eos %r", tokenizer.eos_token)
     return tokenizer
+
+
+def train_chat_template(spec: Mapping[str, Any]) -> str | None:
+    """The training chat template of ``spec`` (with ``{% generation %}`` markers around assistant turns), if any."""
+    name = spec.get("train_chat_template")
+    if not name:
+        return None
+    path = Path(__file__).parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"train_chat_template {path} of the model spec does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def quantize_model(model, quantization: Mapping[str, Any]):
+    """A bitsandbytes-quantised copy of an already loaded (e.g. de-quantised GGUF) model.
+
+    transformers refuses to combine a GGUF file with a ``quantization_config``, so the fp32 weights
+    are written to a temporary directory once and reloaded with ``BitsAndBytesConfig``.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="llm_caption_dequant_") as tmp:
+        forget_gguf_quantizer(model).save_pretrained(tmp, safe_serialization=True)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=model.dtype, trust_remote_code=False,
+            quantization_config=_bnb_config(quantization))
+
+
+def forget_gguf_quantizer(model):
+    """Mark a GGUF-loaded model as the plain (de-quantised) model it is.
+
+    Its weights are already ``dtype`` tensors, but transformers keeps the GGUF quantizer attached, so
+    the Trainer refuses to fine-tune it ("purely quantized model") and ``save_pretrained`` fails.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model.config, "_is_quantized", False):
+        model.config._is_quantized = False
+    return model
+
+
+def _bnb_config(quantization: Mapping[str, Any]):
+    from transformers import BitsAndBytesConfig
+
+    quant = dict(quantization)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(quant.get(key), str):
+            quant[key] = getattr(torch, quant[key])
+    return BitsAndBytesConfig(**quant)
 
 
 def load_model(spec: Mapping[str, Any], quantization: Mapping[str, Any] | None = None):
@@ -76,15 +138,18 @@ def load_model(spec: Mapping[str, Any], quantization: Mapping[str, Any] | None =
     ``quantization`` (or ``spec['quantization']``) is passed to ``BitsAndBytesConfig`` to load
     4-bit/8-bit weights (QLoRA).
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     location, kwargs = _pretrained_location(spec)
     dtype = getattr(torch, spec.get("dtype", "float32"))
     quant = quantization if quantization is not None else spec.get("quantization")
+    if quant and "gguf_file" in kwargs:
+        # GGUF weights cannot be loaded straight into bitsandbytes layers: de-quantise, then quantise.
+        return quantize_model(AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=False, **kwargs), quant)
     if quant:
-        quant = dict(quant)
-        if "bnb_4bit_compute_dtype" in quant:
-            quant["bnb_4bit_compute_dtype"] = getattr(torch, quant["bnb_4bit_compute_dtype"])
-        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+        kwargs["quantization_config"] = _bnb_config(quant)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False, **kwargs)
+    if "gguf_file" in kwargs:
+        forget_gguf_quantizer(model)
     return model

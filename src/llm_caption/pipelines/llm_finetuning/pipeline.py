@@ -1,7 +1,19 @@
-"""The llm_finetuning pipeline (nodes land here)."""
+"""The llm_finetuning pipeline: chat splits -> every PEFT method measured -> best one registered."""
 
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import finetune_methods, register_best_method
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([])
+    return Pipeline([
+        Node(finetune_methods,
+             inputs=["chat_train", "chat_test", "params:llm_finetuning", "params:llm_models", "params:llm_model",
+                     "params:seed"],
+             outputs=["llm_method_results", "llm_loss_history", "llm_generations"],
+             name="finetune_methods"),
+        Node(register_best_method,
+             inputs=["llm_method_results", "chat_test", "params:llm_finetuning", "params:seed"],
+             outputs="llm_registry_decision",
+             name="register_best_method"),
+    ])

@@ -1,0 +1,166 @@
+"""Parameter-efficient fine-tuning methods: one registry, method name -> builder.
+
+A method is configured in ``parameters_llm_finetuning.yml`` as::
+
+    lora:
+      builder: lora                  # key of BUILDERS
+      options: {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: [...]}
+      training: {learning_rate: 1.0e-3}   # overrides of the shared training settings
+
+so a new method that differs by options only (``rslora``, ``dora``) is YAML alone; a new
+family is one builder here. A builder takes the (fp32) base model, the method's ``options``
+and a :class:`MethodContext` and returns the model to train, with exactly the parameters
+that should learn set to ``requires_grad=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .models import quantize_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodContext:
+    """What builders may need besides the model: the tokenizer (text-initialised prompts)."""
+
+    tokenizer: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _freeze_all(model) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def build_base(model, options: Mapping[str, Any], ctx: MethodContext):
+    """No training: the reference row. Every parameter stays frozen."""
+    _freeze_all(model)
+    return model
+
+
+def build_prompt_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
+    """Soft prompt of ``num_virtual_tokens`` vectors, optionally initialised from the embeddings of ``init_text``."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    opts = dict(options)
+    init_text = opts.pop("init_text", None)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, **opts))
+    if init_text:
+        if ctx.tokenizer is None:
+            raise ValueError("prompt_tuning.init_text needs the tokenizer")
+        ids = ctx.tokenizer(init_text, add_special_tokens=False)["input_ids"]
+        n = peft_model.peft_config["default"].num_virtual_tokens
+        ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight[torch.tensor(ids)].detach().clone()
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(embeddings)
+    return peft_model
+
+
+def build_prefix_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
+    """Trainable key/value prefixes in every layer."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, **options))
+
+
+def build_p_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
+    """Virtual tokens produced by a small prompt encoder (MLP/LSTM)."""
+    from peft import PromptEncoderConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, **options))
+
+
+def build_lora(model, options: Mapping[str, Any], ctx: MethodContext):
+    """LoRA (and its variants by option: ``use_rslora``, ``use_dora``)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **options))
+
+
+def build_loha(model, options: Mapping[str, Any], ctx: MethodContext):
+    """LoHa: low-rank Hadamard-product adapters."""
+    from peft import LoHaConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, LoHaConfig(task_type=TaskType.CAUSAL_LM, **options))
+
+
+def build_qlora(model, options: Mapping[str, Any], ctx: MethodContext):
+    """QLoRA: base weights quantised with bitsandbytes (``quantization``: NF4 4-bit), LoRA on top."""
+    from peft import prepare_model_for_kbit_training
+
+    opts = dict(options)
+    quantization = opts.pop("quantization")
+    quantized = quantize_model(model, quantization)
+    quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+    return build_lora(quantized, opts, ctx)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (``model.model.layers`` for Llama-style models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+    return layers
+
+
+def frozen_layer_indices(n_layers: int, n_trainable: int) -> list[int]:
+    """Indices of the first and last ``n_trainable`` layers (the ones that train)."""
+    if n_trainable < 1 or 2 * n_trainable > n_layers:
+        raise ValueError(f"layer_freeze.n_layers={n_trainable} must be in 1..{n_layers // 2} for {n_layers} layers")
+    return sorted(set(range(n_trainable)) | set(range(n_layers - n_trainable, n_layers)))
+
+
+def build_layer_freeze(model, options: Mapping[str, Any], ctx: MethodContext):
+    """No adapter: freeze everything but the first and last ``n_layers`` decoder layers."""
+    _freeze_all(model)
+    layers = decoder_layers(model)
+    trained = frozen_layer_indices(len(layers), int(options.get("n_layers", 1)))
+    for index in trained:
+        for param in layers[index].parameters():
+            param.requires_grad_(True)
+    model.llm_caption_trained_layers = trained
+    logger.info("layer_freeze: training decoder layers %s of %d", trained, len(layers))
+    return model
+
+
+BUILDERS: dict[str, Callable[[Any, Mapping[str, Any], MethodContext], Any]] = {
+    "none": build_base,
+    "prompt_tuning": build_prompt_tuning,
+    "prefix_tuning": build_prefix_tuning,
+    "p_tuning": build_p_tuning,
+    "lora": build_lora,
+    "loha": build_loha,
+    "qlora": build_qlora,
+    "layer_freeze": build_layer_freeze,
+}
+
+
+def build_method(model, method_cfg: Mapping[str, Any], ctx: MethodContext):
+    """Apply the method described by ``method_cfg`` (``builder`` + ``options``) to ``model``."""
+    builder = method_cfg.get("builder")
+    if builder not in BUILDERS:
+        raise ValueError(f"unknown method builder {builder!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[builder](model, dict(method_cfg.get("options") or {}), ctx)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked number of values."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n = int(torch.Size(param.quant_state.shape).numel()) if getattr(param, "quant_state", None) else n * 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

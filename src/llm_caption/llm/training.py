@@ -1,0 +1,169 @@
+"""Train one method with TRL's ``SFTTrainer`` and measure it.
+
+Inputs are pre-tokenized datasets (``input_ids`` + ``labels`` with ``-100`` outside assistant
+turns, see :mod:`llm_caption.llm.chat_format`), so SFTTrainer keeps our labels as they are.
+Checkpoints are written every ``save_steps`` into ``checkpoint_dir``; with ``resume=True`` a
+rerun continues from the last one (optimizer, scheduler, RNG and data position included) and
+ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Keys of the `training` block that are ours, not SFTConfig's.
+_OWN_KEYS = {"resume"}
+
+
+@dataclass
+class TrainResult:
+    """What one training (or, for ``base``, evaluation-only) run measured."""
+
+    eval_loss: float
+    train_time_s: float
+    steps: int
+    step_time_s: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    resumed_from: str | None
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.eval_loss) if self.eval_loss < 50 else float("inf")
+
+
+@contextlib.contextmanager
+def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
+    """Measure peak memory in MB while the block runs: CUDA max allocated on GPU, else sampled process RSS."""
+    import psutil
+
+    out = {"peak": 0.0}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        yield out
+        out["peak"] = torch.cuda.max_memory_allocated() / 2**20
+        return
+    process = psutil.Process()
+    stop = threading.Event()
+    peak = [process.memory_info().rss]
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak"] = max(peak[0], process.memory_info().rss) / 2**20
+
+
+def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, gradient_checkpointing: bool):
+    """The ``SFTConfig`` for our settings: CPU-safe defaults (no bf16 off GPU, no gradient checkpointing
+    unless asked, no external reporters), overridable by the ``training`` block."""
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": not on_gpu,
+        "gradient_checkpointing": gradient_checkpointing,
+        "report_to": "none",
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+        "packing": False,
+        "lr_scheduler_type": "constant",
+        "disable_tqdm": False,
+    }
+    settings.update({k: v for k, v in training.items() if k not in _OWN_KEYS})
+    if not on_gpu:
+        settings["bf16"] = settings["fp16"] = False
+    return SFTConfig(**settings)
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-<step>`` directory in ``output_dir``, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Long-format ``{step, split, loss}`` rows from the trainer's log history."""
+    rows = []
+    for entry in log_history:
+        if "loss" in entry:
+            rows.append({"step": int(entry["step"]), "split": "train", "loss": float(entry["loss"])})
+        if "eval_loss" in entry:
+            rows.append({"step": int(entry["step"]), "split": "eval", "loss": float(entry["eval_loss"])})
+    return rows
+
+
+def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any], output_dir: str | Path,
+                 seed: int, train: bool = True) -> TrainResult:
+    """Train ``model`` (its ``requires_grad`` parameters) and evaluate it; ``train=False`` only evaluates.
+
+    ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...) and
+    ``resume`` (continue from the last checkpoint in ``output_dir`` when there is one).
+    """
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(seed)
+    resume = last_checkpoint(output_dir) if training.get("resume", True) and train else None
+    config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    with peak_memory_mb() as memory:
+        start = time.perf_counter()
+        start_step = 0
+        tokens = 0.0
+        if train:
+            if resume:
+                logger.info("Resuming from %s", resume)
+                start_step = int(Path(resume).name.split("-")[-1])
+            trainer.train(resume_from_checkpoint=resume)
+            tokens = float(trainer.state.num_input_tokens_seen or 0)
+        train_time = time.perf_counter() - start
+        metrics = trainer.evaluate()
+    steps = trainer.state.global_step - start_step if train else 0
+    history = loss_history(trainer.state.log_history)
+    if history and history[-1]["split"] == "eval" and not train:
+        history = []
+    if resume and tokens:
+        # num_input_tokens_seen is restored from the checkpoint: count only what this process trained.
+        tokens *= steps / max(trainer.state.global_step, 1)
+    return TrainResult(
+        eval_loss=float(metrics["eval_loss"]),
+        train_time_s=train_time if train else 0.0,
+        steps=steps,
+        step_time_s=train_time / steps if steps else 0.0,
+        tokens_per_s=tokens / train_time if train and train_time > 0 else 0.0,
+        peak_memory_mb=memory["peak"],
+        resumed_from=resume,
+        loss_history=history,
+    )

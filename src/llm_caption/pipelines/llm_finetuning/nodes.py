@@ -1,0 +1,42 @@
+"""Nodes of llm_finetuning: thin calls into :mod:`llm_caption.llm`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from ...llm.experiment import eval_subset, run_methods
+from ...llm.registration import best_method, register_adapter
+from ...registry import split_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def finetune_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
+                     llm_models: dict[str, Any], llm_model: str, seed: int
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train and measure every selected method on model ``llm_model``.
+
+    Returns ``llm_method_results`` (one row per method), ``llm_loss_history`` (method, step,
+    split, loss) and ``llm_generations`` (before/after answers to fixed and test prompts).
+    """
+    if llm_model not in llm_models:
+        raise ValueError(f"llm_model {llm_model!r} is not in llm_models ({sorted(llm_models)})")
+    tables = run_methods(chat_train, chat_test, params, llm_models[llm_model], seed)
+    return tables["llm_method_results"], tables["llm_loss_history"], tables["llm_generations"]
+
+
+def register_best_method(results: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
+                         seed: int) -> dict[str, Any]:
+    """Register the lowest-eval-loss method as ``registry.model_name``; ``champion`` moves only if it is better
+    than the current champion on the same eval split. Returns the decision (saved as JSON)."""
+    best = best_method(results)
+    eval_ids = eval_subset(chat_test, params, seed)["conversation_id"].astype(str)
+    registry = params.get("registry") or {}
+    return register_adapter(
+        adapter_dir=best["adapter_dir"], method=best["method"], eval_loss=float(best["eval_loss"]),
+        eval_split=split_fingerprint(eval_ids), model_name=registry.get("model_name", "persian-chat-adapter"),
+        run_id=best["mlflow_run_id"], generation=params.get("generation"),
+        pip_requirements=registry.get("pip_requirements"))

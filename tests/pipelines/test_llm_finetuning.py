@@ -1,0 +1,72 @@
+"""llm_finetuning through Kedro's real session on the smoke config, with a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm"))
+from chat_fixtures import write_chat_splits  # noqa: E402
+from conftest import run_pipeline  # noqa: E402
+
+METHODS = ["base", "lora", "prompt_tuning", "layer_freeze"]
+
+
+@pytest.mark.slow
+def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
+    write_chat_splits(kedro_project, n_train=16, n_test=6)
+    run_pipeline(kedro_project, "llm_finetuning", env="smoke",
+                 params={"llm_finetuning": {"methods_to_run": METHODS}})
+
+    results = pd.read_csv(kedro_project / "data/07_model_output/llm_method_results.csv")
+    assert list(results["method"]) == METHODS
+    assert results["eval_loss"].gt(0).all() and results["perplexity"].gt(1).all()
+    by_method = results.set_index("method")
+    assert by_method.loc["base", "trainable_params"] == 0
+    assert 0 < by_method.loc["lora", "trainable_pct"] < 10
+    assert by_method.loc["layer_freeze", "trainable_params"] > by_method.loc["lora", "trainable_params"]
+    assert (by_method.drop(index="base")["tokens_per_s"] > 0).all()
+
+    losses = pd.read_csv(kedro_project / "data/07_model_output/llm_loss_history.csv")
+    for method in METHODS[1:]:
+        steps = losses[(losses["method"] == method) & (losses["split"] == "train")]["step"].tolist()
+        assert steps == [1, 2]
+        assert ((losses["method"] == method) & (losses["split"] == "eval")).sum() >= 1
+
+    gens = pd.read_csv(kedro_project / "data/07_model_output/llm_generations.csv", keep_default_na=False)
+    assert set(gens[gens["stage"] == "before"]["method"]) == {"base"}
+    after = gens[gens["stage"] == "after"]
+    assert sorted(after["method"].unique()) == sorted(METHODS)
+    assert set(after["prompt_kind"]) == {"fixed", "test"}
+    assert (after[after["prompt_kind"] == "test"]["reference"] != "").all()
+
+    for method in METHODS[1:]:
+        assert (kedro_project / "data/06_models/llm" / method / "llm_caption_method.json").is_file()
+    assert (kedro_project / "data/06_models/llm/lora/adapter_model.safetensors").is_file()
+    assert (kedro_project / "data/06_models/llm/layer_freeze/trained_layers.safetensors").is_file()
+
+    mlflow.set_tracking_uri(f"sqlite:///{kedro_project / 'mlruns/mlflow.db'}")
+    client = MlflowClient()
+    for method, run_id in zip(results["method"], results["mlflow_run_id"], strict=True):
+        run = client.get_run(run_id)
+        assert run.data.tags["llm_caption.method"] == method
+        assert "llm_caption.parent_run_id" in run.data.tags
+        for metric in ("trainable_params", "peak_memory_mb", "train_time_s", "tokens_per_s", "eval_loss",
+                       "perplexity", "persian_share"):
+            assert metric in run.data.metrics, (method, metric)
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert "generations.json" in artifacts
+        if method != "base":
+            assert len(client.get_metric_history(run_id, "train_loss")) == 2
+
+    decision = json.loads((kedro_project / "data/07_model_output/llm_registry_decision.json").read_text())
+    best = results[results["method"] != "base"].sort_values("eval_loss").iloc[0]
+    assert decision["method"] == best["method"] and decision["promoted"] is True
+    champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")
+    assert champion.version == decision["version"]
