@@ -31,10 +31,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 NO_TOUR = """localStorage.setItem("KedroViz", JSON.stringify({"showFeatureHints": false, "featureHintStep": 0}));"""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_port(first: int = 41000, last: int = 49000) -> int:
+    """A free port below 49152 (kedro-viz refuses the ephemeral range the OS would hand out)."""
+    for port in range(first + os.getpid() % 1000, last):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}..{last}")
 
 
 def _group_alive(pgid: int) -> bool:
