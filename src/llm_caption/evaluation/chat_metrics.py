@@ -4,7 +4,8 @@ The fine-tuning study saw two failure modes: answers that repeat themselves and 
 that drift into another language. Besides the overlap with the reference answers (chrF,
 ROUGE-L) this module therefore measures
 
-* ``persian_share``: share of the letters of an answer that are Arabic-script (Persian) letters;
+* ``persian_share``: share of the letters of an answer that are Arabic-script (Persian) letters
+  (``llm_caption.llm.text_metrics.persian_share``, the measure fine-tuning uses too);
 * ``distinct_1`` / ``distinct_2``: distinct uni-/bi-grams over all n-grams of all answers of a method;
 * ``repetition_rate``: per answer, the share of its word 3-grams that already occurred earlier
   in the same answer (0 = no loop, close to 1 = a loop), averaged over answers;
@@ -19,26 +20,17 @@ from __future__ import annotations
 import logging
 import math
 import re
-import unicodedata
 from collections.abc import Sequence
 
 import pandas as pd
 
+from llm_caption.llm.text_metrics import persian_share
+
 logger = logging.getLogger(__name__)
 
-# Arabic script blocks used for Persian: Arabic, Arabic Supplement, Presentation Forms A/B.
-_ARABIC_SCRIPT = re.compile(r"[\u0600-\u06FF\u0750-\u077F\uFB50-\uFDFF\uFE70-\uFEFF]")
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Arabic forms that Persian writes differently; unify them before comparing tokens.
 _PERSIAN_NORMALISE = str.maketrans({"\u064a": "\u06cc", "\u0643": "\u06a9", "\u0649": "\u06cc", "\u200c": " "})
-
-
-def persian_share(text: str) -> float:
-    """Share of the letters of ``text`` that are Arabic-script letters (0.0 for text without letters)."""
-    letters = [ch for ch in str(text) if unicodedata.category(ch).startswith("L")]
-    if not letters:
-        return 0.0
-    return sum(1 for ch in letters if _ARABIC_SCRIPT.match(ch)) / len(letters)
 
 
 def tokenize_words(text: str) -> list[str]:
