@@ -10,12 +10,16 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image
 
 from llm_caption.captioning.synthetic import SceneConfig, generate_scenes
 from llm_caption.captioning.text import clean_caption
 from llm_caption.captioning.transforms import make_transform_spec
 from llm_caption.captioning.vocab import Vocabulary
+
+# One intra-op thread: on a shared 2-core CPU more threads thrash (measured ~8x slower steps).
+torch.set_num_threads(1)
 
 SPLIT_NAMES = {"train": "train", "dev": "val", "test": "test"}
 
@@ -55,6 +59,44 @@ def write_caption_inputs(project: Path, inputs: dict) -> None:
 
 
 def solid_image(path: Path, colour=(200, 30, 30), size: int = 64) -> Path:
-    """A small single-colour JPEG."""
-    Image.new("RGB", (size, size), colour).save(path, format="JPEG")
+    """A small JPEG: ``colour`` with a white left quarter (so a flipped copy differs)."""
+    img = Image.new("RGB", (size, size), colour)
+    img.paste((255, 255, 255), (0, 0, size // 4, size))
+    img.save(path, format="JPEG")
     return path
+
+
+def tiny_captioner(root: Path, n_images: int = 8, steps: int = 80) -> dict:
+    """A small Show-and-Tell captioner trained briefly on real features of a few scenes (real encoder weights).
+
+    Returns ``decoder``, ``config``, ``vocab``, ``encoder_weights`` and ``image_paths`` for pyfunc tests.
+    """
+    import torch
+
+    from llm_caption.captioning.encoder import build_encoder
+    from llm_caption.captioning.features import extract_features
+    from llm_caption.captioning.models import build_decoder, caption_loss
+    from llm_caption.captioning.transforms import build_transform
+
+    inputs = make_caption_inputs(root, n_images=n_images, image_size=64)
+    images = inputs["caption_images"]
+    encoder, weights = build_encoder({"name": "efficientnet_lite0"})
+    feats, _, _ = extract_features(encoder, images["image_path"].tolist(),
+                                   build_transform(inputs["image_transform_spec"]), n_images)
+    first = inputs["captions_encoded"].groupby("image_id").head(1).set_index("image_id").loc[images["image_id"]]
+    tokens = torch.tensor([list(t) for t in first["token_ids"]])
+    kwargs = {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.0}
+    torch.manual_seed(0)
+    decoder = build_decoder("show_tell", len(inputs["caption_vocab"]["itos"]), 1280, **kwargs)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
+    x = torch.from_numpy(feats[:, 0]).float()
+    for _ in range(steps):
+        loss = caption_loss(decoder, x, tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    config = {"architecture": "show_tell", "decoder": kwargs, "encoder": {"name": "efficientnet_lite0"},
+              "transform_spec": inputs["image_transform_spec"],
+              "decoding": {"beam_size": 2, "max_len": 16, "length_penalty": 0.7}}
+    return {"decoder": decoder.eval(), "config": config, "vocab": inputs["caption_vocab"], "encoder_weights": weights,
+            "image_paths": images["image_path"].tolist(), "references": first["caption"].tolist()}

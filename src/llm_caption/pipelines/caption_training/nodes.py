@@ -47,6 +47,12 @@ def _measure_encoder_seconds(encoder, transform, paths: list[str], n: int) -> fl
     return (time.perf_counter() - start) / max(1, len(sample))
 
 
+def _set_threads(params: dict[str, Any]) -> None:
+    """Apply ``torch_threads`` (intra-op threads; 1 avoids thread thrashing on a shared CPU)."""
+    if params.get("torch_threads"):
+        torch.set_num_threads(int(params["torch_threads"]))
+
+
 def build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict[str, Any],
                         params: dict[str, Any]) -> dict[str, Any]:
     """Encode every image once (fp16 grid features on disk) or reuse the cache entry; returns its description.
@@ -55,6 +61,7 @@ def build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict
     ``views``, ``built``, ``seconds_per_image`` and ``encoder_weights`` (path of the weights file).
     """
     _check_columns(caption_images, "caption_images", ["image_id", "image_path", "split"])
+    _set_threads(params)
     enc_spec = dict(params["encoder"])
     if int(enc_spec.get("fine_tune_blocks", 0)):
         raise ValueError("caption_training.encoder.fine_tune_blocks > 0 is not supported by this pipeline yet: "
@@ -133,6 +140,7 @@ def train_caption_models(captions_encoded: pd.DataFrame, caption_vocab: dict[str
     (one row per architecture and epoch); the weights are in each architecture's checkpoint folder.
     """
     _check_columns(captions_encoded, "captions_encoded", ["image_id", "split", "caption", "token_ids"])
+    _set_threads(params)
     itos = list(caption_vocab["itos"])
     cached = _load_cache(caption_feature_cache)
     data = _caption_data(cached, captions_encoded, itos)
@@ -187,6 +195,7 @@ def predict_captions(caption_model_results: pd.DataFrame, caption_images: pd.Dat
     Also returns one test image's attention maps from ``show_attend_tell`` (``caption_attention_sample``;
     an empty dict when that architecture was not trained).
     """
+    _set_threads(params)
     itos = list(caption_vocab["itos"])
     cached = _load_cache(caption_feature_cache)
     rows = cached.index_of()

@@ -1,0 +1,106 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caption_fixtures import make_caption_inputs
+from llm_caption.captioning.encoder import build_encoder
+from llm_caption.captioning.features import extract_features
+from llm_caption.captioning.models import DECODERS, build_decoder, caption_loss, count_parameters
+from llm_caption.captioning.transforms import build_transform
+
+TINY = {
+    "show_tell": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.0},
+    "show_attend_tell": {"embed_dim": 32, "hidden_dim": 64, "attention_dim": 32, "dropout": 0.0},
+    "cnn_transformer": {"d_model": 32, "nhead": 2, "num_layers": 1, "dim_feedforward": 64, "dropout": 0.0},
+}
+
+
+@pytest.fixture(scope="module")
+def ten_images(tmp_path_factory):
+    """Real encoder features of 10 synthetic scenes and one caption each."""
+    inputs = make_caption_inputs(tmp_path_factory.mktemp("scenes"), n_images=10, image_size=64)
+    images = inputs["caption_images"]
+    encoder, _ = build_encoder({"name": "efficientnet_lite0"})
+    feats, _, _ = extract_features(encoder, images["image_path"].tolist(),
+                                   build_transform(inputs["image_transform_spec"]), batch_size=10)
+    first = inputs["captions_encoded"].groupby("image_id").head(1).set_index("image_id").loc[images["image_id"]]
+    tokens = torch.tensor([list(t) for t in first["token_ids"]])
+    return torch.from_numpy(feats[:, 0]).float(), tokens, len(inputs["caption_vocab"]["itos"])
+
+
+@torch.no_grad()
+def _cross_entropy(model, feats, tokens):
+    logits, _ = model(feats, tokens[:, :-1])
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), ignore_index=0))
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_each_architecture_overfits_ten_images(arch, ten_images):
+    feats, tokens, vocab = ten_images
+    torch.manual_seed(0)
+    model = build_decoder(arch, vocab, feats.shape[-1], **TINY[arch])
+    assert count_parameters(model) > 0
+    start = _cross_entropy(model, feats, tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(300):
+        loss = caption_loss(model, feats, tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    end = _cross_entropy(model, feats, tokens)
+    assert start > 2.0 and end < 0.05, (start, end)
+
+
+def _transformer(vocab=20, dim=16):
+    torch.manual_seed(0)
+    return build_decoder("cnn_transformer", vocab, dim, **TINY["cnn_transformer"]).eval()
+
+
+def test_causal_mask_later_tokens_do_not_change_earlier_logits():
+    model = _transformer()
+    feats = torch.randn(2, 4, 16)
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
+    changed = tokens.clone()
+    changed[:, 4:] = torch.tensor([11, 12])
+    with torch.no_grad():
+        a, _ = model(feats, tokens)
+        b, _ = model(feats, changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_padding_changes_no_logits_of_real_tokens(arch):
+    torch.manual_seed(0)
+    model = build_decoder(arch, 20, 16, **TINY[arch]).eval()
+    feats = torch.randn(2, 4, 16)
+    real = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    padded = torch.cat([real, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a, _ = model(feats, real)
+        b, _ = model(feats, padded)
+    torch.testing.assert_close(a, b[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_is_applied_in_the_transformer():
+    """A padded key must be invisible: same logits whatever token id sits under the padding."""
+    model = _transformer()
+    feats = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        x, _ = model(feats, torch.tensor([[1, 5, 0, 0]]))
+    assert torch.isfinite(x).all()
+
+
+def test_attention_weights_are_a_distribution_per_word():
+    torch.manual_seed(0)
+    model = build_decoder("show_attend_tell", 20, 16, **TINY["show_attend_tell"]).eval()
+    _, alphas = model(torch.randn(3, 6, 16), torch.tensor([[1, 4, 5]] * 3))
+    assert alphas.shape == (3, 3, 6)
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 3))
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture 'rnn'"):
+        build_decoder("rnn", 10, 4)
