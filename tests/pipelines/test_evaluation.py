@@ -131,10 +131,11 @@ def write_upstream(project: Path) -> dict[str, str]:
     pd.DataFrame(history).to_csv(out / "llm_loss_history.csv", index=False)
     pd.DataFrame(generations).to_csv(out / "llm_generations.csv", index=False)
     reporting = project / "data" / "08_reporting"
-    (reporting / "chat_data_report.json").write_text(json.dumps({"counts": {"input": 10, "accepted": 8, "train": 5,
-                                                                            "test": 3}}), encoding="utf-8")
-    (reporting / "caption_data_report.json").write_text(json.dumps({"split_sizes": {"train": 20, "val": 5, "test": 5},
-                                                                    "vocab_size": 42}), encoding="utf-8")
+    (reporting / "chat_data_report.json").write_text(json.dumps({"input": 10, "accepted": 8, "train": 5, "test": 3}),
+                                                     encoding="utf-8")
+    (reporting / "caption_data_report.json").write_text(json.dumps({
+        "counts": {"accepted_images": 15, "accepted_captions": 45},
+        "split_images": {"train": 5, "val": 5, "test": 5}, "vocab_size": 42}), encoding="utf-8")
     return run_ids
 
 

@@ -60,6 +60,8 @@ def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_proje
         assert method in page
     assert "Kedro environment: <b>smoke</b>" in page and "seed: <b>42</b>" in page
     assert "SPICE" in page
+    assert "<tr><td>chat conversations for training</td><td>5</td></tr>" in page
+    assert "<tr><td>caption vocabulary size</td><td>42</td></tr>" in page
     assert "پایتخت ایران" in page  # Persian samples are embedded
 
     client = MlflowClient(tracking_uri=f"sqlite:///{kedro_project / 'mlruns' / 'mlflow.db'}")

@@ -59,6 +59,19 @@ def test_winners_name_the_best_row_per_criterion():
     assert not any("METEOR" in line for line in lines)  # no data, no claim
 
 
+def test_winners_report_ties_as_ties():
+    table = pd.DataFrame({"method": ["a", "b", "c"], "chrf": [5.0, 5.0, 1.0], "rouge_l": [0.0, 0.0, 0.0]})
+    lines = html.winners(table, "method", [html.Criterion("best chrF", "chrf", True),
+                                           html.Criterion("best ROUGE-L", "rouge_l", True)])
+    assert lines == ["best chrF: a, b (5)", "best ROUGE-L: all 3 tied at 0"]
+
+
+def test_lookup_follows_dotted_keys():
+    report = {"counts": {"train": 4}, "vocab_size": 9}
+    assert html.lookup(report, "counts.train") == 4 and html.lookup(report, "vocab_size") == 9
+    assert html.lookup(report, "counts.test") is None and html.lookup(None, "x") is None
+
+
 def test_render_report_escapes_text_and_embeds_images():
     png = b"\x89PNG\r\n\x1a\nfake"
     context = {

@@ -71,18 +71,37 @@ def fmt(value: Any) -> str:
 
 
 def winners(table: pd.DataFrame, key: str, criteria: Sequence[Criterion], exclude: Sequence[str] = ()) -> list[str]:
-    """One sentence per criterion naming the winning row and its value (criteria without data are skipped)."""
+    """One sentence per criterion naming the winning row(s) and the value (criteria without data are skipped).
+
+    Ties are named as ties: every row sharing the best value is listed, and a criterion on which
+    all rows are equal says so instead of crowning the first row.
+    """
     rows = table[~table[key].isin(exclude)]
     sentences = []
     for crit in criteria:
         if crit.column not in rows.columns:
             continue
         values = pd.to_numeric(rows[crit.column], errors="coerce")
-        if values.notna().sum() == 0:
+        known = values.dropna()
+        if known.empty:
             continue
-        best = values.idxmax() if crit.greater_is_better else values.idxmin()
-        sentences.append(f"{crit.label}: {rows.loc[best, key]} ({fmt(float(values[best]))})")
+        best_value = float(known.max() if crit.greater_is_better else known.min())
+        best_rows = rows.loc[known[known == best_value].index, key].astype(str).tolist()
+        if len(known) > 1 and len(best_rows) == len(known):
+            sentences.append(f"{crit.label}: all {len(known)} tied at {fmt(best_value)}")
+        else:
+            sentences.append(f"{crit.label}: {', '.join(best_rows)} ({fmt(best_value)})")
     return sentences
+
+
+def lookup(report: Mapping[str, Any] | None, dotted_key: str) -> Any:
+    """``report["a"]["b"]`` for ``"a.b"``; ``None`` when any part is missing."""
+    value: Any = report
+    for part in dotted_key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def flatten_report(report: Mapping[str, Any] | None, prefix: str = "") -> list[tuple[str, str]]:

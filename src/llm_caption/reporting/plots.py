@@ -41,6 +41,9 @@ def chat_loss_curves(loss_history: pd.DataFrame) -> Figure:
     sns.lineplot(data=loss_history, x="step", y="loss", hue="method", style="split", markers=True,
                  dashes={"train": "", "eval": (4, 2)} if set(loss_history["split"]) <= {"train", "eval"} else True,
                  palette=_PALETTE, ax=ax)
+    losses = loss_history["loss"].dropna()
+    if len(losses) and losses.min() > 0 and losses.max() / losses.min() > 4:
+        ax.set_yscale("log")  # one diverging method would flatten all other curves
     ax.set_title("Chat fine-tuning: loss per step (solid: train, dashed: eval)")
     ax.set_xlabel("optimizer step")
     ax.legend(loc="upper right", fontsize=8, ncol=2)

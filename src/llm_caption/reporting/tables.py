@@ -51,7 +51,11 @@ CAPTION_COLUMNS: dict[str, str] = {
 
 
 def chat_methods_table(method_results: pd.DataFrame, chat_metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per fine-tuning method (test split), best eval loss first; the base model's answers as a last row."""
+    """One row per fine-tuning method (test split), best eval loss first.
+
+    When no method row describes the untrained model (``trainable_params == 0``), the answers of the
+    ``before`` stage are added as a last reference row.
+    """
     after = chat_metrics[chat_metrics["stage"] == "after"].drop(columns=["stage", "eval_loss", "perplexity"],
                                                                  errors="ignore")
     results = method_results.drop(columns=["persian_share"], errors="ignore")
@@ -60,7 +64,8 @@ def chat_methods_table(method_results: pd.DataFrame, chat_metrics: pd.DataFrame)
         table["perplexity"] = table["eval_loss"].map(lambda v: math.exp(v) if pd.notna(v) else float("nan"))
     table = table.sort_values("eval_loss", kind="stable")
     before = chat_metrics[chat_metrics["stage"] == "before"]
-    if not before.empty:
+    has_untrained_row = bool((pd.to_numeric(table.get("trainable_params"), errors="coerce") == 0).any())
+    if not before.empty and not has_untrained_row:
         # The base model answers the same prompts before any training: one reference row.
         base = before.drop(columns=["stage"]).mean(numeric_only=True).to_dict()
         base["method"] = BASE_ROW

@@ -112,6 +112,10 @@ def build_report(params: dict[str, Any], seed: int, chat_table: pd.DataFrame, ca
         (f"reference captions per {split} image (mean)",
          report_html.fmt(float(test_preds["references"].map(len).mean())) if len(test_preds) else "n/a"),
     ]
+    reports = {"chat_data_report": chat_data_report, "caption_data_report": caption_data_report}
+    for entry in params.get("data_sizes", []):
+        value = report_html.lookup(reports.get(entry["report"]), entry["key"])
+        sizes.append((entry["label"], "n/a (not in " + entry["report"] + ")" if value is None else value))
     sections: dict[str, list[dict[str, Any]]] = {"chat": [], "caption": [], "eda": []}
     for name, spec in params["figures"].items():
         if name not in figures:
