@@ -78,10 +78,13 @@ class ShowAttendTell(nn.Module):
 
     def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 256, hidden_dim: int = 512,
                  attention_dim: int = 256, dropout: float = 0.3, pad_id: int = 0,
-                 alpha_c: float = 1.0) -> None:
+                 alpha_c: float = 1.0, feature_proj: int | None = None) -> None:
         super().__init__()
         self.pad_id = pad_id
         self.alpha_c = alpha_c
+        # Optional linear projection of the grid features (1280 -> feature_proj) before attention: a smaller LSTM input.
+        self.feature_proj = nn.Linear(feature_dim, feature_proj) if feature_proj else nn.Identity()
+        feature_dim = feature_proj or feature_dim
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.attention = AdditiveAttention(feature_dim, hidden_dim, attention_dim)
         self.init_h = nn.Linear(feature_dim, hidden_dim)
@@ -92,6 +95,7 @@ class ShowAttendTell(nn.Module):
         self.fc = nn.Linear(hidden_dim, vocab_size)
 
     def init_state(self, feats: torch.Tensor):
+        feats = self.feature_proj(feats)
         mean = feats.mean(dim=1)
         return (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), feats, self.attention.feat_att(feats))
 
