@@ -97,6 +97,11 @@ def viz_server(tmp_path):
         log.close()
 
 
+def namespaces(name: str) -> set[str]:
+    """Top-level namespaces of a pipeline's nodes (kedro-viz draws each as one collapsed node)."""
+    return {n.namespace.split(".")[0] for n in pipelines[name].nodes if n.namespace}
+
+
 def _expected_node(pipeline) -> str:
     """A node kedro-viz draws for ``pipeline``: a top-level node, or the collapsed namespace of a nested one."""
     for node in pipeline.nodes:
@@ -136,7 +141,17 @@ def test_kedro_viz_renders_all_five_pipelines(viz_server):
                 assert selector.locator(".dropdown__label").inner_text().strip() == name
                 node = page.locator(f".pipeline-node[data-node-fullname='{expected[name]}']")
                 node.first.wait_for(state="visible", timeout=60_000)
-                assert page.locator(".pipeline-node").count() >= 1
+                # wait for the transition to end: the drawn task nodes are exactly this pipeline's
+                wanted = {n.name for n in pipelines[name].nodes if not n.namespace}
+                deadline = time.monotonic() + 60
+                while True:
+                    drawn = set(page.locator(".pipeline-node--task").evaluate_all(
+                        "els => els.map(e => e.getAttribute('data-node-fullname'))"))
+                    if wanted <= drawn and not (drawn - wanted - namespaces(name)):
+                        break
+                    assert time.monotonic() < deadline, f"{name}: drawn {sorted(drawn)}, expected {sorted(wanted)}"
+                    page.wait_for_timeout(250)
+                page.wait_for_timeout(800)  # let the layout animation settle for the screenshot
                 page.screenshot(path=str(screenshot.with_name(f"kedro_viz_{name}.png")))
         finally:
             browser.close()
