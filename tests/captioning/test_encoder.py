@@ -55,3 +55,14 @@ def test_registry_and_unknown_name():
         build_encoder({"name": "vgg"})
     with pytest.raises(ValueError, match="weights_path"):
         build_encoder({"name": "resnet50"})
+
+
+def test_torchvision_encoder_loads_a_local_checkpoint(tmp_path):
+    import torchvision
+
+    ckpt = tmp_path / "effb0.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), ckpt)
+    encoder, weights = build_encoder({"name": "efficientnet_b0", "weights_path": str(ckpt)})
+    assert weights == str(ckpt) and encoder.out_channels == 1280
+    assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, 1280, 7, 7)

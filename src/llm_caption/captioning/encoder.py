@@ -115,14 +115,23 @@ def build_efficientnet_lite0(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]
 
 
 def _build_torchvision(arch: str, channels: int, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """A torchvision ImageNet model: ``weights_path`` (a local checkpoint) or ``torchvision_weights``
+    (an enum name such as ``IMAGENET1K_V2``, fetched by torchvision into the torch hub cache when the
+    machine can reach it)."""
     import torchvision
 
     weights = spec.get("weights_path")
-    if not weights:
-        raise ValueError(f"encoder '{arch}' needs 'weights_path' (a local torchvision ImageNet checkpoint); "
-                         "no weights are downloaded")
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    hub_weights = spec.get("torchvision_weights")
+    if weights:
+        model = getattr(torchvision.models, arch)(weights=None)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    elif hub_weights:
+        enum = torchvision.models.get_model_weights(arch)[hub_weights]
+        model = getattr(torchvision.models, arch)(weights=enum)
+        weights = str(Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name)
+    else:
+        raise ValueError(f"encoder '{arch}' needs 'weights_path' (a local torchvision ImageNet checkpoint) or "
+                         "'torchvision_weights' (e.g. IMAGENET1K_V1, downloaded by torchvision)")
     if arch == "resnet50":
         trunk = nn.Sequential(*list(model.children())[:-2])
         blocks = nn.Sequential(model.layer3, model.layer4)
