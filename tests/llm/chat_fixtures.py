@@ -8,6 +8,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_conf(path: str) -> dict:
+    """A YAML file of the project's conf/, e.g. ``conf/base/parameters.yml``."""
+    return yaml.safe_load((REPO_ROOT / path).read_text(encoding="utf-8"))
+
 
 def persian_conversations(limit: int) -> list[list[dict[str, str]]]:
     """Up to ``limit`` user/assistant pairs from chatterbot-corpus's Persian files, in a fixed order."""

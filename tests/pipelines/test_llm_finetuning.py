@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm"))
 from chat_fixtures import write_chat_splits  # noqa: E402
 from conftest import run_pipeline  # noqa: E402
 
-METHODS = ["base", "lora", "prompt_tuning", "layer_freeze"]
+METHODS = ["base", "lora", "layer_freeze"]
 
 
 @pytest.mark.slow

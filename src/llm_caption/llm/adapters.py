@@ -48,10 +48,10 @@ def read_method(adapter_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_finetuned(adapter_dir: str | Path, base_model=None):
+def load_finetuned(adapter_dir: str | Path, base_model=None, tokenizer=None):
     """(model, tokenizer) of a saved method: base model from its spec plus the saved weights, in eval mode.
 
-    ``base_model`` (an fp32 model of the same spec) avoids reloading the base weights; it is modified.
+    ``base_model`` (an fp32 model of the same spec; it is modified) and ``tokenizer`` avoid loading them again.
     """
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -61,7 +61,7 @@ def load_finetuned(adapter_dir: str | Path, base_model=None):
     adapter_dir = Path(adapter_dir)
     meta = read_method(adapter_dir)
     spec = meta["model_spec"]
-    tokenizer = load_tokenizer(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     model = base_model if base_model is not None else load_model(spec)
     if meta["builder"] == "qlora":
         model = quantize_model(model, meta["options"]["quantization"])

@@ -132,7 +132,10 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     logger.info("llm_finetuning: %d methods, %d train / %d eval conversations, %d prompts, max_seq_len=%s",
                 len(methods), len(train_ds), len(eval_ds), len(prompts), max_len)
 
-    base_model = load_model(model_spec)
+    # The base model stays unquantised; a method that wants quantised weights (qlora) asks for them.
+    base_model = load_model(model_spec, quantization={})
+    if torch.cuda.is_available():
+        base_model = base_model.to("cuda")
     conversations = [p["conversation"] for p in prompts]
     before = generate_answers(base_model, tokenizer, conversations, cfg.get("generation") or {})
     before_rows = _generation_rows("base", "before", prompts, before)

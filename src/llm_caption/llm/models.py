@@ -99,8 +99,9 @@ def quantize_model(model, quantization: Mapping[str, Any]):
 
     with tempfile.TemporaryDirectory(prefix="llm_caption_dequant_") as tmp:
         forget_gguf_quantizer(model).save_pretrained(tmp, safe_serialization=True)
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
         return AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=model.dtype, trust_remote_code=False,
+            tmp, dtype=model.dtype, trust_remote_code=False, device_map=device_map,
             quantization_config=_bnb_config(quantization))
 
 

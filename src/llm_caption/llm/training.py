@@ -106,10 +106,20 @@ def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, g
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-<step>`` directory in ``output_dir``, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* ``checkpoint-<step>`` directory in ``output_dir``, if any.
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    A process killed while writing a checkpoint leaves a directory without ``trainer_state.json``
+    (written last); it is skipped, so the run resumes from the checkpoint before it.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("Ignoring incomplete checkpoint %s (no trainer_state.json)", path)
+    return None
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,91 @@
+"""Chat with a fine-tuned model from the command line.
+
+    python -m llm_caption.chat --model-uri models:/persian-chat-adapter@champion "سلام، حالت چطوره؟"
+    python -m llm_caption.chat --method lora "سلام، حالت چطوره؟"      # a local adapter of llm_finetuning
+
+Run from the project root (the MLflow store is ``sqlite:///mlruns/mlflow.db`` unless
+``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger("llm_caption.chat")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llm_caption.chat", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-uri", help="MLflow model URI, e.g. models:/persian-chat-adapter@champion")
+    source.add_argument("--method", help="name of a method saved by llm_finetuning under --adapters-dir")
+    parser.add_argument("message", help="the user's message")
+    parser.add_argument("--adapters-dir", default="data/06_models/llm", help="where llm_finetuning saved methods")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+def check_model_uri(uri: str) -> None:
+    """Fail with a clear message when a ``models:/name@alias`` or ``models:/name/version`` URI does not resolve."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("models:/"):
+        return
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            client.get_model_version(name, version)
+        elif not ref.startswith("m-"):
+            client.get_registered_model(ref)
+    except MlflowException as error:
+        raise SystemExit(f"error: model URI {uri!r} does not exist in the MLflow store "
+                         f"{client._registry_uri}: {error.message.splitlines()[0]}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    messages = [{"role": "user", "content": args.message}]
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "repetition_penalty": 1.2}
+    if args.model_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns/mlflow.db")
+        check_model_uri(args.model_uri)
+        model = mlflow.pyfunc.load_model(args.model_uri)
+        reply = model.predict([messages], params=generation)[0]
+    else:
+        from .llm.adapters import load_finetuned
+        from .llm.generation import generate_answers
+
+        adapter_dir = Path(args.adapters_dir) / args.method
+        if not adapter_dir.is_dir():
+            available = sorted(p.name for p in Path(args.adapters_dir).glob("*") if p.is_dir())
+            raise SystemExit(f"error: no saved method {args.method!r} in {args.adapters_dir} (found: {available})")
+        model, tokenizer = load_finetuned(adapter_dir)
+        reply = generate_answers(model, tokenizer, [messages], generation)[0]
+    print(reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

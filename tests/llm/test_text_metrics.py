@@ -1,0 +1,15 @@
+import pytest
+
+from llm_caption.llm.text_metrics import persian_share
+
+
+def test_persian_share_counts_letters_only():
+    assert persian_share("سلام، حالت چطوره؟ ۱۲۳") == 1.0
+    assert persian_share("hello world 123") == 0.0
+    # 4 Persian letters (سلام) and 2 Latin letters (hi); digits, spaces, punctuation ignored.
+    assert persian_share("سلام hi! 42") == pytest.approx(4 / 6)
+
+
+def test_persian_share_of_text_without_letters_is_zero():
+    assert persian_share("") == 0.0
+    assert persian_share("123 ... ؟") == 0.0
