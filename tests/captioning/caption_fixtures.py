@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -18,10 +19,16 @@ from llm_caption.captioning.text import clean_caption
 from llm_caption.captioning.transforms import make_transform_spec
 from llm_caption.captioning.vocab import Vocabulary
 
-# One intra-op thread: on a shared 2-core CPU more threads thrash (measured ~8x slower steps).
-torch.set_num_threads(1)
-
 SPLIT_NAMES = {"train": "train", "dev": "val", "test": "test"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread for the module (restored afterwards): on a shared 2-core CPU more threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_caption_inputs(root: Path, n_images: int = 24, image_size: int = 64, max_len: int = 16,

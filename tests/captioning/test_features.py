@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from caption_fixtures import solid_image
+from caption_fixtures import solid_image, one_torch_thread  # noqa: F401
 from llm_caption.captioning.encoder import build_encoder, encoder_fingerprint
 from llm_caption.captioning.features import FeatureCache
 from llm_caption.captioning.transforms import build_transform, make_transform_spec

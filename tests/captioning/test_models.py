@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caption_fixtures import make_caption_inputs
+from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: F401
 from llm_caption.captioning.encoder import build_encoder
 from llm_caption.captioning.features import extract_features
 from llm_caption.captioning.models import DECODERS, build_decoder, caption_loss, count_parameters

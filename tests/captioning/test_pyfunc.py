@@ -4,7 +4,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from caption_fixtures import tiny_captioner
+from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
 from llm_caption.captioning.pyfunc import log_captioner
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from caption_fixtures import tiny_captioner
+from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
 from llm_caption.captioning.pyfunc import log_captioner
 from llm_caption.registry import register_and_promote
 

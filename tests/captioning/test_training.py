@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from caption_fixtures import make_caption_inputs
+from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: F401
 from llm_caption.captioning.encoder import build_encoder
 from llm_caption.captioning.features import extract_features
 from llm_caption.captioning.models import build_decoder
@@ -55,7 +55,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys, torch
     from llm_caption.captioning.models import build_decoder
     from llm_caption.captioning.training import TrainConfig, train_captioner
-    torch.set_num_threads({threads})  # same arithmetic as the uninterrupted run in the test process
+    torch.set_num_threads(int(sys.argv[3]))  # same arithmetic as the uninterrupted run in the test process
     data = torch.load(sys.argv[1], weights_only=False)
     torch.manual_seed(0)
     model = build_decoder({arch!r}, len(data.itos), 1280, **{kwargs!r})
@@ -63,7 +63,7 @@ KILLED_RUN = textwrap.dedent("""
         if epoch == 2:
             os.kill(os.getpid(), signal.SIGKILL)
     train_captioner(model, data, TrainConfig(**{cfg!r}), sys.argv[2], on_epoch_end=kill)
-""").format(arch=ARCH, kwargs=KWARGS, cfg=CFG, threads=torch.get_num_threads())
+""").format(arch=ARCH, kwargs=KWARGS, cfg=CFG)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(data_file, tmp_path):
@@ -71,7 +71,8 @@ def test_resume_after_kill_matches_uninterrupted_run(data_file, tmp_path):
     full_model = _model(len(data.itos))
     full = train_captioner(full_model, data, TrainConfig(**CFG), tmp_path / "full")
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data_file), str(tmp_path / "resumed")],
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data_file), str(tmp_path / "resumed"),
+                             str(torch.get_num_threads())],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 2

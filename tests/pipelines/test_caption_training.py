@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "captioning"))
-from caption_fixtures import make_caption_inputs, write_caption_inputs  # noqa: E402
+from caption_fixtures import make_caption_inputs, one_torch_thread, write_caption_inputs  # noqa: E402,F401
 from conftest import run_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.slow

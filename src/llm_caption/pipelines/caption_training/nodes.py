@@ -6,10 +6,12 @@ shape the outputs of docs/datasets.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -47,13 +49,19 @@ def _measure_encoder_seconds(encoder, transform, paths: list[str], n: int) -> fl
     return (time.perf_counter() - start) / max(1, len(sample))
 
 
-def _set_threads(params: dict[str, Any]) -> None:
-    """Apply ``torch_threads`` (intra-op threads; 1 avoids thread thrashing on a shared CPU)."""
+@contextlib.contextmanager
+def _torch_threads(params: dict[str, Any]) -> Iterator[None]:
+    """Run with ``torch_threads`` intra-op threads (1 avoids thread thrashing on a shared CPU), then restore."""
+    before = torch.get_num_threads()
     if params.get("torch_threads"):
         torch.set_num_threads(int(params["torch_threads"]))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict[str, Any],
+def _build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict[str, Any],
                         params: dict[str, Any]) -> dict[str, Any]:
     """Encode every image once (fp16 grid features on disk) or reuse the cache entry; returns its description.
 
@@ -61,7 +69,6 @@ def build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict
     ``views``, ``built``, ``seconds_per_image`` and ``encoder_weights`` (path of the weights file).
     """
     _check_columns(caption_images, "caption_images", ["image_id", "image_path", "split"])
-    _set_threads(params)
     enc_spec = dict(params["encoder"])
     if int(enc_spec.get("fine_tune_blocks", 0)):
         raise ValueError("caption_training.encoder.fine_tune_blocks > 0 is not supported by this pipeline yet: "
@@ -131,7 +138,7 @@ def _train_config(params: dict[str, Any], arch: str, seed: int) -> TrainConfig:
     return TrainConfig.from_params(merged, seed=seed)
 
 
-def train_caption_models(captions_encoded: pd.DataFrame, caption_vocab: dict[str, Any],
+def _train_caption_models(captions_encoded: pd.DataFrame, caption_vocab: dict[str, Any],
                          caption_feature_cache: dict[str, Any], params: dict[str, Any],
                          seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every architecture of ``params["architectures"]`` on the cached features, each in its own MLflow run.
@@ -140,7 +147,6 @@ def train_caption_models(captions_encoded: pd.DataFrame, caption_vocab: dict[str
     (one row per architecture and epoch); the weights are in each architecture's checkpoint folder.
     """
     _check_columns(captions_encoded, "captions_encoded", ["image_id", "split", "caption", "token_ids"])
-    _set_threads(params)
     itos = list(caption_vocab["itos"])
     cached = _load_cache(caption_feature_cache)
     data = _caption_data(cached, captions_encoded, itos)
@@ -186,7 +192,7 @@ def _load_trained(row: pd.Series, params: dict[str, Any], vocab_size: int, chann
     return model.eval()
 
 
-def predict_captions(caption_model_results: pd.DataFrame, caption_images: pd.DataFrame,
+def _predict_captions(caption_model_results: pd.DataFrame, caption_images: pd.DataFrame,
                      captions_encoded: pd.DataFrame, caption_vocab: dict[str, Any],
                      caption_feature_cache: dict[str, Any],
                      params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -195,7 +201,6 @@ def predict_captions(caption_model_results: pd.DataFrame, caption_images: pd.Dat
     Also returns one test image's attention maps from ``show_attend_tell`` (``caption_attention_sample``;
     an empty dict when that architecture was not trained).
     """
-    _set_threads(params)
     itos = list(caption_vocab["itos"])
     cached = _load_cache(caption_feature_cache)
     rows = cached.index_of()
@@ -251,3 +256,34 @@ def register_best_captioner(caption_model_results: pd.DataFrame, caption_vocab: 
     return {"model_uri": model_uri, "architecture": arch, "val_bleu4": float(best["best_val_bleu4"]),
             "name": decision.name, "version": decision.version, "promoted": decision.promoted,
             "reason": decision.reason}
+
+
+def build_feature_cache(caption_images: pd.DataFrame, image_transform_spec: dict[str, Any],
+                        params: dict[str, Any]) -> dict[str, Any]:
+    """Encode every image once (fp16 grid features on disk) or reuse the cache entry; returns its description.
+
+    Output (``caption_feature_cache``): ``root``, ``key``, ``n_images``, ``grid_hw``, ``channels``,
+    ``views``, ``built``, ``seconds_per_image``, ``encoder_weights`` and the encoder fingerprint.
+    """
+    with _torch_threads(params):
+        return _build_feature_cache(caption_images, image_transform_spec, params)
+
+
+def train_caption_models(captions_encoded: pd.DataFrame, caption_vocab: dict[str, Any],
+                         caption_feature_cache: dict[str, Any], params: dict[str, Any],
+                         seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every architecture of ``params["architectures"]``; returns ``caption_model_results`` and
+    ``caption_loss_history`` (see docs/datasets.md)."""
+    with _torch_threads(params):
+        return _train_caption_models(captions_encoded, caption_vocab, caption_feature_cache, params, seed)
+
+
+def predict_captions(caption_model_results: pd.DataFrame, caption_images: pd.DataFrame,
+                     captions_encoded: pd.DataFrame, caption_vocab: dict[str, Any],
+                     caption_feature_cache: dict[str, Any],
+                     params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Beam-search captions of val and test images by every architecture (``caption_predictions``) and one
+    test image's attention maps from ``show_attend_tell`` (``caption_attention_sample``)."""
+    with _torch_threads(params):
+        return _predict_captions(caption_model_results, caption_images, captions_encoded, caption_vocab,
+                                 caption_feature_cache, params)
