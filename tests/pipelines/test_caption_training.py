@@ -65,3 +65,24 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     assert cli.returncode == 0, cli.stderr[-2000:]
     path, caption = cli.stdout.strip().splitlines()[-1].split("\t")
     assert path.endswith(".jpg") and caption.strip()
+
+
+def test_bad_caption_rows_are_named(tmp_path):
+    from llm_caption.pipelines.caption_training.nodes import _validate_captions
+
+    inputs = make_caption_inputs(tmp_path, n_images=4, image_size=32)
+    captions = inputs["captions_encoded"].reset_index(drop=True)
+    vocab = len(inputs["caption_vocab"]["itos"])
+    _validate_captions(captions, vocab)
+    short = captions.copy()
+    short.at[3, "token_ids"] = list(short.at[3, "token_ids"])[:-1]
+    with pytest.raises(ValueError, match="row 3 .*token ids"):
+        _validate_captions(short, vocab)
+    odd = captions.copy()
+    odd.at[2, "split"] = "dev"
+    with pytest.raises(ValueError, match="row 2 .*'dev'"):
+        _validate_captions(odd, vocab)
+    big = captions.copy()
+    big.at[1, "token_ids"] = [1, vocab + 5] + [0] * (len(big.at[1, "token_ids"]) - 2)
+    with pytest.raises(ValueError, match="row 1 .*outside the vocabulary"):
+        _validate_captions(big, vocab)

@@ -117,7 +117,25 @@ def _references(captions: pd.DataFrame, split: str) -> dict[str, list[str]]:
     return {image_id: group.tolist() for image_id, group in part.groupby("image_id", sort=True)["caption"]}
 
 
+def _validate_captions(captions: pd.DataFrame, vocab_size: int) -> None:
+    """Every caption row has a known split and ``token_ids`` of the common length within the vocabulary."""
+    bad_split = ~captions["split"].isin(SPLITS)
+    if bad_split.any():
+        i = int(np.flatnonzero(bad_split.to_numpy())[0])
+        raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): split "
+                         f"{captions['split'].iloc[i]!r} is not one of {list(SPLITS)}")
+    lengths = captions["token_ids"].map(len).to_numpy()
+    for i in np.flatnonzero(lengths != lengths[0])[:1]:
+        raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): {lengths[i]} token ids, "
+                         f"but row 0 has {lengths[0]}; token_ids must all have the vocabulary's max_len")
+    for i, ids in enumerate(captions["token_ids"]):
+        if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): token id "
+                             f"outside the vocabulary of {vocab_size} words")
+
+
 def _caption_data(cached: CachedFeatures, captions: pd.DataFrame, itos: list[str]) -> CaptionData:
+    _validate_captions(captions, len(itos))
     rows = cached.index_of()
     val_refs = _references(captions, "val")
     if not val_refs or not (captions["split"] == "train").any():
