@@ -2,6 +2,7 @@ import pytest
 
 from llm_caption.llm.chat_format import IGNORE_INDEX, as_messages, first_user_turn, tokenize_conversation, tokenize_conversations
 from llm_caption.llm.models import train_chat_template
+from llm_fixtures import model_spec, tokenizer  # noqa: F401 (fixtures)
 
 CONVERSATION = [
     {"role": "user", "content": "سلام، حالت چطوره؟"},

@@ -16,6 +16,7 @@ from llm_caption.llm.adapters import save_finetuned
 from llm_caption.llm.experiment import method_settings
 from llm_caption.llm.methods import MethodContext, build_method
 from llm_caption.llm.registration import register_adapter
+from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
 MODEL = "persian-chat-adapter"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,7 @@ def saved_lora(base_model, tokenizer, model_spec, finetuning_cfg, tmp_path) -> P
 
 
 def _champion_version() -> str:
-    return MlflowClient().get_model_version_by_alias(MODEL, "champion").version
+    return str(MlflowClient().get_model_version_by_alias(MODEL, "champion").version)
 
 
 def _chat(tracking_uri: str, *args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from resume_setup import MAX_STEPS, run_training
+from resume_setup import MAX_STEPS
 
 WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +27,7 @@ def _start_worker(output_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_adapter_and_loss(base_model, tokenizer, model_spec, tmp_path):
+def test_killed_run_resumes_to_the_same_adapter_and_loss(tmp_path):
     interrupted = tmp_path / "interrupted"
     worker = _start_worker(interrupted)
     checkpoint = interrupted / "checkpoints" / "checkpoint-2" / "trainer_state.json"
@@ -49,7 +48,11 @@ def test_killed_run_resumes_to_the_same_adapter_and_loss(base_model, tokenizer, 
     assert result["resumed_from"] is not None and int(result["resumed_from"].split("-")[-1]) >= 2
     assert result["steps"] == MAX_STEPS - int(result["resumed_from"].split("-")[-1])
 
-    reference = run_training(copy.deepcopy(base_model), tokenizer, model_spec, tmp_path / "reference")
+    # The uninterrupted reference runs in a fresh process too, like the interrupted one.
+    uninterrupted = _start_worker(tmp_path / "reference")
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err.decode()[-2000:]
+    reference = json.loads((tmp_path / "reference" / "result.json").read_text())
     assert reference["resumed_from"] is None and reference["steps"] == MAX_STEPS
 
     assert result["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-5)

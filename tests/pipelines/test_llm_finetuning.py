@@ -69,4 +69,4 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
     best = results[results["method"] != "base"].sort_values("eval_loss").iloc[0]
     assert decision["method"] == best["method"] and decision["promoted"] is True
     champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")
-    assert champion.version == decision["version"]
+    assert str(champion.version) == decision["version"]

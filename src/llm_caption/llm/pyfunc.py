@@ -70,13 +70,28 @@ class PersianChatModel(mlflow.pyfunc.PythonModel):
 
 def log_chat_model(adapter_dir: str | Path, generation: Mapping[str, Any] | None = None,
                    pip_requirements: list[str] | None = None, name: str = "model"):
-    """Log the pyfunc model of ``adapter_dir`` in the active MLflow run; returns the ``ModelInfo``."""
+    """Log the pyfunc model of ``adapter_dir`` in the active MLflow run; returns the ``ModelInfo``.
+
+    The signature declares the generation settings as inference-time ``params`` (defaults: ``generation``).
+    """
+    settings = {**DEFAULT_GENERATION, **dict(generation or {})}
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=PersianChatModel(generation),
+        python_model=PersianChatModel(settings),
         artifacts={"adapter": str(adapter_dir)},
+        signature=generation_signature(settings),
         pip_requirements=pip_requirements or project_requirements(),
     )
+
+
+def generation_signature(settings: Mapping[str, Any]):
+    """A signature with no input schema (messages are checked by ``predict``) and the generation params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    kinds = {bool: "boolean", int: "long", float: "double", str: "string"}
+    specs = [ParamSpec(key, kinds[type(value)], value) for key, value in settings.items() if type(value) in kinds]
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema(specs))
 
 
 def project_requirements() -> list[str]:
