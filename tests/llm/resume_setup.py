@@ -26,7 +26,7 @@ def run_training(base_model, tokenizer, spec: dict, output_dir: Path) -> dict:
     # 9 usable conversations at 64 tokens, batch 2: the 4 steps stay within the first epoch.
     train = tokenize_conversations(tokenizer, conversations[:12], template, 64)
     evaluation = tokenize_conversations(tokenizer, conversations[12:], template, 64)
-    model = build_method(base_model, method_cfg, MethodContext(tokenizer=tokenizer))
+    model = build_method(base_model, method_cfg, MethodContext(tokenizer=tokenizer, seed=42))
     settings = {**training, "max_steps": MAX_STEPS, "per_device_train_batch_size": 2, "eval_strategy": "no",
                 "save_strategy": "steps", "save_steps": 1, "save_total_limit": None, "resume": True}
     result = train_method(model, tokenizer, train, evaluation, settings, output_dir / "checkpoints", seed=42)

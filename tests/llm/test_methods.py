@@ -89,6 +89,16 @@ def test_two_steps_train_only_the_method_parameters_and_reload_identically(
 
     saved = save_finetuned(model, tmp_path / method, method, method_cfg, model_spec)
     reloaded, _ = load_finetuned(saved, base_model=copy.deepcopy(base_model), tokenizer=tokenizer)
+    trained_state = {n: p.detach() for n, p in model.named_parameters() if n in trainable_names}
+    reloaded_state = dict(reloaded.named_parameters())
+    if method != "p_tuning":  # PEFT saves P-tuning's encoder *output* (the virtual tokens), not the encoder
+        for name, value in trained_state.items():
+            assert torch.equal(value, reloaded_state[name].detach()), name
+    if method == "qlora":
+        # bitsandbytes' CPU 4-bit path computes differently once a layer has run in training mode
+        # (its weights are repacked for the inference kernel), so logits of the trained object and of a
+        # fresh reload are not bit-comparable; the saved adapter tensors are (checked above).
+        return
     model.eval()
     batch = torch.tensor([train[0]["input_ids"][:32]])
     with torch.no_grad():

@@ -146,7 +146,7 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     for method in methods:
         method_cfg, training = method_settings(cfg, method)
         trains = method_cfg.get("builder") != "none"
-        model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer))
+        model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
         trainable, total = count_parameters(model)
         result = train_method(model, tokenizer, train_ds, eval_ds, training, ckpt_root / method, seed, train=trains)
         answers = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {}) if trains else before

@@ -29,9 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class MethodContext:
-    """What builders may need besides the model: the tokenizer (text-initialised prompts)."""
+    """What builders may need besides the model: the tokenizer (text-initialised prompts) and the seed
+    that makes adapter initialisation (LoRA's A, soft prompts, prefixes) reproducible."""
 
     tokenizer: Any = None
+    seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,6 +152,10 @@ def build_method(model, method_cfg: Mapping[str, Any], ctx: MethodContext):
     builder = method_cfg.get("builder")
     if builder not in BUILDERS:
         raise ValueError(f"unknown method builder {builder!r}; known: {sorted(BUILDERS)}")
+    if ctx.seed is not None:
+        from transformers import set_seed
+
+        set_seed(ctx.seed)
     return BUILDERS[builder](model, dict(method_cfg.get("options") or {}), ctx)
 
 
