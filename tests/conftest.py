@@ -66,8 +66,10 @@ def forget_mlflow_stores() -> None:
 
 
 def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
-                 params: dict | None = None) -> dict:
+                 params: dict | None = None, tags: list[str] | None = None) -> dict:
     """Run ``pipeline`` (``None``: the default pipeline) in ``project`` with Kedro's session and runner.
+
+    ``tags`` restricts the run to nodes with those tags, as ``kedro run --tags``.
 
     kedro-mlflow's hook is active, as in ``kedro run``: the run lands in ``project/mlruns/mlflow.db``.
     Returns what the session returns (the pipeline's free outputs).
@@ -79,7 +81,7 @@ def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
     bootstrap_project(project)
     try:
         with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:
-            return session.run(pipeline_names=[pipeline] if pipeline else None)
+            return session.run(pipeline_names=[pipeline] if pipeline else None, tags=tags)
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run()

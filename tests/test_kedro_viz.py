@@ -6,15 +6,11 @@ group, which is stopped as a whole (uvicorn leaves a child behind otherwise).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from kedro.framework.project import pipelines
 from kedro.framework.startup import bootstrap_project
 
 from conftest import REPO_ROOT
+from servers import free_port, stop_group, wait_for_http
 
 PIPELINES = ("data_engineering", "llm_finetuning", "caption_training", "evaluation", "reporting")
 CHROMIUM = "/usr/bin/chromium"
@@ -31,44 +28,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 NO_TOUR = """localStorage.setItem("KedroViz", JSON.stringify({"showFeatureHints": false, "featureHintStep": 0}));"""
 
 
-def _free_port(first: int = 41000, last: int = 49000) -> int:
-    """A free port below 49152 (kedro-viz refuses the ephemeral range the OS would hand out)."""
-    for port in range(first + os.getpid() % 1000, last):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {first}..{last}")
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after 15 s; fail if anything survives."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.2)
-            if proc.returncode is not None and not _group_alive(proc.pid):
-                return
-    assert not _group_alive(proc.pid), "kedro viz process group survived SIGKILL"
-
-
 @pytest.fixture
 def viz_server(tmp_path):
     """``kedro viz run`` on the project, in its own process group; yields the base URL."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "kedro_viz.log").open("w")
     kedro = Path(sys.executable).with_name("kedro")
     proc = subprocess.Popen([str(kedro), "viz", "run", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
@@ -76,24 +39,10 @@ def viz_server(tmp_path):
                             env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kedro viz exited with {proc.returncode}:\n"
-                            f"{(tmp_path / 'kedro_viz.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/api/main", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"kedro viz did not answer on {url} within 240 s:\n"
-                            f"{(tmp_path / 'kedro_viz.log').read_text()[-3000:]}")
-            time.sleep(1)
+        wait_for_http(f"{url}/api/main", proc, tmp_path / "kedro_viz.log")
         yield url
     finally:
-        _stop_group(proc)
+        stop_group(proc)
         log.close()
 
 

@@ -3,11 +3,8 @@
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,14 +14,9 @@ import pytest
 from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
 from llm_caption.captioning.pyfunc import log_captioner
 from llm_caption.registry import register_and_promote
+from servers import free_port, stop_group, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -46,7 +38,7 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
 
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # mlflow runs `uvicorn` from PATH, as in an activated venv
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -56,17 +48,7 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not start: " + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log", timeout_s=180)
         image = base64.b64encode(Path(cap["image_paths"][0]).read_bytes()).decode()
         url = f"http://127.0.0.1:{port}/invocations"
         reply = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image], ["%%% not an image"]]}})
@@ -77,10 +59,5 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
         again = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}})
         assert again["predictions"][0]["caption"] == rows[0]["caption"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()

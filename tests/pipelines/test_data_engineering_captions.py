@@ -13,21 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_pipeline
 from llm_caption.captioning.vocab import Vocabulary
 
 
 def run_caption_branch(project: Path, params: dict | None = None, env: str = "smoke") -> None:
     """``kedro run --pipeline=data_engineering --tags=caption_data`` with runtime ``params``."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(project)
-    try:
-        with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:
-            session.run(pipeline_names=["data_engineering"], tags=["caption_data"])
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
+    run_pipeline(project, "data_engineering", env=env, params=params, tags=["caption_data"])
 
 
 def latest_run(project: Path):

@@ -13,22 +13,15 @@ import mlflow
 import pandas as pd
 import pytest
 
+from conftest import run_pipeline
+
 GOOD_QA = [("سلام، حالت چطوره؟", "خوبم، ممنون."), ("پایتخت ایران کجاست؟", "تهران."),
            ("دو به علاوه دو چند می‌شود؟", "چهار."), ("رنگ آسمان چیست؟", "آبی.")]
 
 
 def run_chat_branch(project: Path, env: str = "smoke", params: dict | None = None) -> None:
     """Run the nodes tagged ``chat`` of data_engineering as ``kedro run --pipeline=data_engineering --tags=chat``."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(project)
-    try:
-        with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:
-            session.run(pipeline_names=["data_engineering"], tags=["chat"])
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
+    run_pipeline(project, "data_engineering", env=env, params=params, tags=["chat"])
 
 
 def latest_run_metrics(project: Path) -> dict[str, float]:
