@@ -23,7 +23,8 @@ def test_exploration_notebook_executes(kedro_project, monkeypatch):
                             resources={"metadata": {"path": str(kedro_project / "notebooks")}})
     client.execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
+    errors = [f"{o['ename']}: {o['evalue']}" for o in outputs if o.get("output_type") == "error"]
+    assert not errors, errors
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "train:" in text and "vocabulary of" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
