@@ -100,3 +100,20 @@ def test_early_stopping_and_best_checkpoint(data_file, tmp_path):
     assert best["epoch"] == 1 and best["val_bleu4"] == result.best_val_bleu4
     with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
         TrainConfig.from_params({"epoch": 3})
+
+
+def test_bf16_autocast_trains_and_is_deterministic(data_file, tmp_path):
+    data = torch.load(data_file, weights_only=False)
+    cfg = TrainConfig(**{**CFG, "epochs": 2, "precision": "bf16"})
+    runs = []
+    for name in ("a", "b"):
+        model = _model(len(data.itos))
+        runs.append((model, train_captioner(model, data, cfg, tmp_path / name, resume=False)))
+    (model_a, a), (model_b, b) = runs
+    assert a.history[-1]["train_loss"] < a.history[0]["train_loss"]
+    assert _strip_times(a.history) == _strip_times(b.history)
+    assert all(p.dtype == torch.float32 for p in model_a.parameters())  # autocast leaves the weights in fp32
+    fp32 = train_captioner(_model(len(data.itos)), data, TrainConfig(**{**CFG, "epochs": 2}), tmp_path / "fp32")
+    assert fp32.history[0]["train_loss"] != a.history[0]["train_loss"]  # bf16 matmuls really ran
+    with pytest.raises(ValueError, match="training.precision: 'fp16'"):
+        TrainConfig(precision="fp16")

@@ -34,6 +34,9 @@ from .models import caption_loss
 logger = logging.getLogger(__name__)
 
 
+PRECISIONS = {"fp32", "bf16"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings of one captioner (the ``training`` block of the parameters)."""
@@ -51,7 +54,16 @@ class TrainConfig:
     max_decode_len: int = 30
     eval_batch_size: int = 256
     val_bleu_images: int | None = None
+    precision: str = "fp32"   # "bf16": matmuls under CPU autocast (weights and optimizer stay fp32)
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision: '{self.precision}' is not one of {sorted(PRECISIONS)}")
+
+    def autocast(self):
+        """The autocast context of this precision (a no-op for fp32)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], seed: int | None = None) -> "TrainConfig":
@@ -140,7 +152,8 @@ def evaluate_loss(model: nn.Module, data: CaptionData, split: CaptionSplit, cfg:
     order = torch.arange(split.tokens.shape[0])
     for lo in range(0, len(order), cfg.eval_batch_size):
         feats, tokens = _batch(data, split, order[lo: lo + cfg.eval_batch_size], None)
-        total += float(caption_loss(model, feats, tokens, cfg.label_smoothing))
+        with cfg.autocast():
+            total += float(caption_loss(model, feats, tokens, cfg.label_smoothing))
         batches += 1
     return total / max(1, batches)
 
@@ -211,7 +224,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         bar = tqdm(range(0, n_train, cfg.batch_size), desc=f"{name} epoch {epoch}", unit="batch", leave=False)
         for lo in bar:
             feats, tokens = _batch(data, data.train, order[lo: lo + cfg.batch_size], views)
-            loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+            with cfg.autocast():
+                loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -31,7 +31,8 @@ from .training import TrainResult, train_method
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["method", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_time_s",
-                  "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "persian_share", "mlflow_run_id",
+                  "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "persian_share",
+                  "english_prompt_persian_share", "mlflow_run_id",
                   "adapter_dir"]
 LOSS_COLUMNS = ["method", "step", "split", "loss"]
 GENERATION_COLUMNS = ["method", "stage", "prompt_kind", "prompt", "reference", "answer"]
@@ -92,9 +93,13 @@ def _generation_rows(method: str, stage: str, prompts: list[dict[str, Any]], ans
              "reference": p["reference"], "answer": a} for p, a in zip(prompts, answers, strict=True)]
 
 
-def fixed_prompt_share(prompts: list[dict[str, Any]], answers: list[str]) -> float:
-    """Persian-script share of the letters in the answers to the fixed prompts (all answers joined)."""
-    return persian_share(" ".join(a for p, a in zip(prompts, answers, strict=True) if p["prompt_kind"] == "fixed"))
+def fixed_prompt_share(prompts: list[dict[str, Any]], answers: list[str], persian_prompts: bool = True) -> float:
+    """Persian-script share of the letters in the answers to the fixed prompts written in Persian (all answers
+    joined); ``persian_prompts=False``: the same share for the fixed prompts written in another script (the
+    English prompt, which a Persian-tuned model should still answer in Persian)."""
+    chosen = [a for p, a in zip(prompts, answers, strict=True)
+              if p["prompt_kind"] == "fixed" and (persian_share(p["prompt"]) >= 0.5) == persian_prompts]
+    return persian_share(" ".join(chosen))
 
 
 def _log_method_run(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], row: dict[str, Any],
@@ -104,7 +109,7 @@ def _log_method_run(method: str, method_cfg: Mapping[str, Any], training: Mappin
         mlflow.log_metrics({k: float(row[k]) for k in ("trainable_params", "total_params", "trainable_pct",
                                                        "peak_memory_mb", "train_time_s", "step_time_s",
                                                        "tokens_per_s", "eval_loss", "perplexity",
-                                                       "persian_share")})
+                                                       "persian_share", "english_prompt_persian_share")})
         for entry in result.loss_history:
             mlflow.log_metric(f"{entry['split']}_loss", entry["loss"], step=entry["step"])
         mlflow.log_table(data=generations, artifact_file="generations.json")
@@ -157,6 +162,7 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
                "train_time_s": result.train_time_s, "step_time_s": result.step_time_s,
                "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval_loss,
                "perplexity": result.perplexity, "persian_share": fixed_prompt_share(prompts, answers),
+               "english_prompt_persian_share": fixed_prompt_share(prompts, answers, persian_prompts=False),
                "adapter_dir": str(adapter_dir) if adapter_dir else ""}
         table = pd.DataFrame(before_rows + rows)[GENERATION_COLUMNS]
         row["mlflow_run_id"] = _log_method_run(method, method_cfg, training, row, result, table, adapter_dir)

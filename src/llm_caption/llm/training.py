@@ -75,8 +75,8 @@ def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
 
 
 def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, gradient_checkpointing: bool):
-    """The ``SFTConfig`` for our settings: CPU-safe defaults (no bf16 off GPU, no gradient checkpointing
-    unless asked, no external reporters), overridable by the ``training`` block."""
+    """The ``SFTConfig`` for our settings: CPU-safe defaults (fp32 unless ``bf16`` is asked for, no gradient
+    checkpointing unless asked, no external reporters), overridable by the ``training`` block."""
     from trl import SFTConfig
 
     on_gpu = torch.cuda.is_available()
@@ -101,8 +101,21 @@ def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, g
     }
     settings.update({k: v for k, v in training.items() if k not in _OWN_KEYS})
     if not on_gpu:
-        settings["bf16"] = settings["fp16"] = False
+        # fp16 has no CPU path. bf16 on CPU (autocast) only when the config asks for it and the CPU has
+        # native bf16 (AVX512-BF16 / AMX); otherwise it would be emulated and slower than fp32.
+        settings["fp16"] = False
+        if settings.get("bf16") and not cpu_supports_bf16():
+            logger.warning("training.bf16 is set but this CPU has no native bf16: training in fp32")
+            settings["bf16"] = False
     return SFTConfig(**settings)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
