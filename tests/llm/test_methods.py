@@ -70,7 +70,7 @@ def test_two_steps_train_only_the_method_parameters_and_reload_identically(
     before = _snapshot(model)
 
     train, evaluation = datasets
-    settings = {**training, "max_steps": 2, "per_device_train_batch_size": 2, "eval_strategy": "no",
+    settings = {**training, "max_steps": 2, "warmup_steps": 0, "per_device_train_batch_size": 2, "eval_strategy": "no",
                 "save_strategy": "no", "resume": False}
     result = train_method(model, tokenizer, train, evaluation, settings, tmp_path / "ckpt", seed=42)
     assert result.steps == 2 and [r["step"] for r in result.loss_history if r["split"] == "train"] == [1, 2]

@@ -173,6 +173,9 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
             tokens = float(trainer.state.num_input_tokens_seen or 0)
         train_time = time.perf_counter() - start
         metrics = trainer.evaluate()
+    # With bf16, accelerate wraps model.forward in autocast; drop the wrapper so that generation, saving
+    # and reloading afterwards see the plain fp32 model.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     steps = trainer.state.global_step - start_step if train else 0
     history = loss_history(trainer.state.log_history)
     if history and history[-1]["split"] == "eval" and not train:
