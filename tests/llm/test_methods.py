@@ -104,3 +104,24 @@ def test_two_steps_train_only_the_method_parameters_and_reload_identically(
     with torch.no_grad():
         expected, actual = model(input_ids=batch).logits, reloaded(input_ids=batch).logits
     assert torch.equal(expected, actual), (expected - actual).abs().max()
+
+
+def test_prefix_initialised_from_text_acts_like_that_text_in_context(base_model, tokenizer):
+    init, n = "به فارسی پاسخ بده. تو یک دستیار مفید فارسی‌زبان هستی.", 8
+    model = build_method(copy.deepcopy(base_model), {"builder": "prefix_tuning",
+                                                     "options": {"num_virtual_tokens": n, "init_text": init}},
+                         MethodContext(tokenizer=tokenizer, seed=0)).eval()
+    prefix_ids = tokenizer(init, add_special_tokens=False)["input_ids"][:n]
+    ids = tokenizer("سلام، حالت چطوره؟", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        with_prefix = model(input_ids=torch.tensor([ids])).logits[0]
+        with_text = base_model.eval()(input_ids=torch.tensor([prefix_ids + ids])).logits[0, n:]
+        random_prefix = build_method(copy.deepcopy(base_model), {"builder": "prefix_tuning",
+                                                                 "options": {"num_virtual_tokens": n}},
+                                     MethodContext(tokenizer=tokenizer, seed=0)).eval()(
+            input_ids=torch.tensor([ids])).logits[0]
+    assert torch.allclose(with_prefix, with_text, atol=1e-3), (with_prefix - with_text).abs().max()
+    assert not torch.allclose(random_prefix, with_text, atol=1e-1)
+    with pytest.raises(ValueError, match="prefix_projection: false"):
+        build_method(copy.deepcopy(base_model), {"builder": "prefix_tuning", "options": {
+            "num_virtual_tokens": n, "init_text": init, "prefix_projection": True}}, MethodContext(tokenizer=tokenizer))

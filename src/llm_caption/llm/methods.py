@@ -68,10 +68,46 @@ def build_prompt_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
 
 
 def build_prefix_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
-    """Trainable key/value prefixes in every layer."""
+    """Trainable key/value prefixes in every layer, optionally initialised from the model's own keys and values
+    of ``init_text`` (Li & Liang, 2021: random prefixes of a small model start far off and train poorly)."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-    return get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, **options))
+    opts = dict(options)
+    init_text = opts.pop("init_text", None)
+    if init_text and opts.get("prefix_projection"):
+        raise ValueError("prefix_tuning.init_text needs prefix_projection: false (the prefixes are the parameters)")
+    prefixes = _text_key_values(model, ctx, init_text, int(opts["num_virtual_tokens"])) if init_text else None
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, **opts))
+    if prefixes is not None:
+        embedding = peft_model.prompt_encoder["default"].embedding
+        if tuple(embedding.weight.shape) != tuple(prefixes.shape):
+            raise ValueError(f"prefix_tuning.init_text: key/values of shape {tuple(prefixes.shape)} do not fit "
+                             f"the prefix table {tuple(embedding.weight.shape)}")
+        with torch.no_grad():
+            embedding.weight.copy_(prefixes)
+    return peft_model
+
+
+def _text_key_values(model, ctx: MethodContext, text: str, n: int) -> torch.Tensor:
+    """``[n, layers * 2 * kv_heads * head_dim]``: the keys and values the model computes for the first ``n``
+    tokens of ``text`` (repeated when shorter), laid out as PEFT's prefix table (per layer: key, then value)."""
+    if ctx.tokenizer is None:
+        raise ValueError("prefix_tuning.init_text needs the tokenizer")
+    ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
+    per_layer = []
+    for layer in range(len(cache)):
+        key, value = _cache_layer(cache, layer)  # [1, kv_heads, n, head_dim] each
+        per_layer += [key[0].permute(1, 0, 2).reshape(n, -1), value[0].permute(1, 0, 2).reshape(n, -1)]
+    return torch.cat(per_layer, dim=1).float()
+
+
+def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56 Cache objects
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer][0], cache[layer][1]
 
 
 def build_p_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
