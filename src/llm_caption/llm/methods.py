@@ -48,6 +48,14 @@ def build_base(model, options: Mapping[str, Any], ctx: MethodContext):
     return model
 
 
+def _init_token_ids(ctx: MethodContext, text: str, n: int, method: str) -> list[int]:
+    """Exactly ``n`` token ids of ``text`` (repeated when shorter), for text-initialised virtual tokens."""
+    if ctx.tokenizer is None:
+        raise ValueError(f"{method}.init_text needs the tokenizer")
+    ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
 def build_prompt_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
     """Soft prompt of ``num_virtual_tokens`` vectors, optionally initialised from the embeddings of ``init_text``."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
@@ -56,11 +64,7 @@ def build_prompt_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
     init_text = opts.pop("init_text", None)
     peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, **opts))
     if init_text:
-        if ctx.tokenizer is None:
-            raise ValueError("prompt_tuning.init_text needs the tokenizer")
-        ids = ctx.tokenizer(init_text, add_special_tokens=False)["input_ids"]
-        n = peft_model.peft_config["default"].num_virtual_tokens
-        ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+        ids = _init_token_ids(ctx, init_text, peft_model.peft_config["default"].num_virtual_tokens, "prompt_tuning")
         with torch.no_grad():
             embeddings = model.get_input_embeddings().weight[torch.tensor(ids)].detach().clone()
             peft_model.prompt_encoder["default"].embedding.weight.copy_(embeddings)
@@ -91,10 +95,7 @@ def build_prefix_tuning(model, options: Mapping[str, Any], ctx: MethodContext):
 def _text_key_values(model, ctx: MethodContext, text: str, n: int) -> torch.Tensor:
     """``[n, layers * 2 * kv_heads * head_dim]``: the keys and values the model computes for the first ``n``
     tokens of ``text`` (repeated when shorter), laid out as PEFT's prefix table (per layer: key, then value)."""
-    if ctx.tokenizer is None:
-        raise ValueError("prefix_tuning.init_text needs the tokenizer")
-    ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    ids = _init_token_ids(ctx, text, n, "prefix_tuning")
     with torch.no_grad():
         cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
     per_layer = []
