@@ -74,6 +74,33 @@ def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
         out["peak"] = max(peak[0], process.memory_info().rss) / 2**20
 
 
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[bool]:
+    """Make TRL's fused LM head score only the positions that carry a label, on every device.
+
+    The loss covers assistant tokens only (about a third of a chat sequence here), yet off CUDA/XPU TRL
+    projects every position through the LM head (a 49k-word vocabulary, in fp32) and masks afterwards,
+    to keep tile shapes fixed for compiled backends. Eager CPU execution gains nothing from fixed shapes, so
+    inside this block the labelled positions are gathered first, as TRL does on Triton devices: the same
+    loss and gradients, ~30% less time per step for SmolLM2-135M on CPU. Yields whether it is in effect.
+    """
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover - trl is a pinned dependency
+        yield False
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        logger.warning("trl.trainer.utils has no _use_triton: every position is scored by the LM head")
+        yield False
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
+
+
 def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, gradient_checkpointing: bool):
     """The ``SFTConfig`` for our settings: CPU-safe defaults (fp32 unless ``bf16`` is asked for, no gradient
     checkpointing unless asked, no external reporters), overridable by the ``training`` block."""
@@ -135,6 +162,14 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
+def final_eval(trainer) -> dict[str, float] | None:
+    """The eval metrics the trainer already logged at its last step (``eval_steps`` divides ``max_steps``), if any:
+    evaluating the same weights on the same split again would only cost time."""
+    step = trainer.state.global_step
+    logged = [e for e in trainer.state.log_history if "eval_loss" in e and int(e.get("step", -1)) == step]
+    return {"eval_loss": float(logged[-1]["eval_loss"])} if logged else None
+
+
 def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Long-format ``{step, split, loss}`` rows from the trainer's log history."""
     rows = []
@@ -161,7 +196,7 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
     config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
-    with peak_memory_mb() as memory:
+    with peak_memory_mb() as memory, labelled_positions_only():
         start = time.perf_counter()
         start_step = 0
         tokens = 0.0
@@ -172,7 +207,9 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
             trainer.train(resume_from_checkpoint=resume)
             tokens = float(trainer.state.num_input_tokens_seen or 0)
         train_time = time.perf_counter() - start
-        metrics = trainer.evaluate()
+        metrics = final_eval(trainer) if train else None
+        if metrics is None:
+            metrics = trainer.evaluate()
     # With bf16, accelerate wraps model.forward in autocast; drop the wrapper so that generation, saving
     # and reloading afterwards see the plain fp32 model.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
