@@ -4,7 +4,7 @@ A method is configured in ``parameters_llm_finetuning.yml`` as::
 
     lora:
       builder: lora                  # key of BUILDERS
-      options: {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: [...]}
+      options: {r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: [...]}
       training: {learning_rate: 1.0e-3}   # overrides of the shared training settings
 
 so a new method that differs by options only (``rslora``, ``dora``) is YAML alone; a new
