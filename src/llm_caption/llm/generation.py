@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .models import is_4bit
+
 logger = logging.getLogger(__name__)
 
 _MERGEABLE = {"LORA", "LOHA", "LOKR", "ADALORA", "IA3"}
@@ -38,20 +40,17 @@ def _peft_type(model) -> str | None:
     return None if peft_type is None else str(getattr(peft_type, "value", peft_type)).upper()
 
 
-def _is_quantized(model) -> bool:
-    return any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
-
-
 def generation_model(model):
     """The model to generate with: a merged copy for mergeable adapters on unquantised weights, else ``model``."""
-    if _peft_type(model) in _MERGEABLE and not _is_quantized(model):
+    if _peft_type(model) in _MERGEABLE and not any(is_4bit(p) for p in model.parameters()):
         return copy.deepcopy(model).merge_and_unload()
     return model
 
 
 def _generate(model, enc: dict[str, torch.Tensor], settings: Mapping[str, Any], fast: bool) -> torch.Tensor:
     """New token ids of each row of ``enc``."""
-    if fast and _peft_type(model) in _SOFT_PROMPTS:
+    peft_type = _peft_type(model) if fast else None
+    if peft_type in _SOFT_PROMPTS:
         base = model.get_base_model()
         batch = enc["input_ids"].shape[0]
         embeds = base.get_input_embeddings()(enc["input_ids"])
@@ -60,7 +59,7 @@ def _generate(model, enc: dict[str, torch.Tensor], settings: Mapping[str, Any], 
                           enc["attention_mask"]], dim=1)
         # With inputs_embeds only, generate returns just the new tokens.
         return base.generate(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, **settings)
-    if fast and _peft_type(model) == "PREFIX_TUNING":
+    if peft_type == "PREFIX_TUNING":
         # The prefix is a ready key/value cache of n positions. generate() takes input ids that include the
         # cached positions, so n placeholder ids stand for the prefix; the attention mask covers it, and the
         # prompt gets positions n, n+1, ... as in training.
@@ -90,8 +89,7 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
-    runner = generation_model(model) if fast else model
-    runner.eval()
+    runner = generation_model(model) if fast else model  # a merged copy of an eval-mode model is in eval mode
     try:
         for start in tqdm(range(0, len(conversations), batch_size), desc="generate", leave=False):
             batch = conversations[start:start + batch_size]
@@ -104,5 +102,4 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-        del runner
     return answers

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .models import quantize_model
+from .models import is_4bit, quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
+        if is_4bit(param):
             n = int(torch.Size(param.quant_state.shape).numel()) if getattr(param, "quant_state", None) else n * 2
         total += n
         if param.requires_grad:

@@ -156,6 +156,11 @@ def quantize_model(model, quantization: Mapping[str, Any]):
             quantization_config=_bnb_config(quantization))
 
 
+def is_4bit(param) -> bool:
+    """Whether ``param`` holds bitsandbytes 4-bit weights (packed: its ``numel`` is not the weight's size)."""
+    return param.__class__.__name__ == "Params4bit"
+
+
 def forget_gguf_quantizer(model):
     """Mark a GGUF-loaded model as the plain (de-quantised) model it is.
 
