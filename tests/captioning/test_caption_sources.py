@@ -1,5 +1,8 @@
 """Parsing both Flickr8k layouts from tiny folders with real JPEGs."""
 
+import codecs
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,3 +86,95 @@ def test_prepare_source_checks_the_folder_and_the_kind(tmp_path):
     info = prepare_source("synthetic", tmp_path / "scenes", {"n_images": 4, "image_size": 32}, seed=0)
     assert info == {"kind": "synthetic", "n_images": 4, "n_captions": 20, "data_dir": str(tmp_path / "scenes")}
     assert read_caption_source(tmp_path / "scenes").n_caption_lines == 20
+
+
+# -- hostile caption files: every line accounted for, never a crash -----------------------------
+def kaggle_folder(root, body: bytes, header: bytes = b"image,caption\n", n_images=2):
+    """A Kaggle-layout folder with ``n_images`` real JPEGs (a0.jpg, a1.jpg, ...) and ``captions.txt`` = header + body."""
+    for i in range(n_images):
+        write_jpeg(root / "images" / f"a{i}.jpg", seed=i, size=16)
+    (root / "captions.txt").write_bytes(header + body)
+    return root
+
+
+def test_a_latin1_byte_rejects_that_line_with_its_number_and_the_rest_is_read(tmp_path):
+    body = "a0.jpg,A café .\n".encode("latin-1") + b"a1.jpg,A dog runs .\na0.jpg,A cat .\n"
+    src = read_caption_source(kaggle_folder(tmp_path, body))
+    assert [(c.line, c.caption_raw) for c in src.captions] == [(3, "A dog runs ."), (4, "A cat .")]
+    (bad,) = src.rejected
+    assert (bad["line"], bad["record"]) == (2, "a0.jpg,A caf\\xe9 .")
+    assert bad["reason"].startswith("invalid_utf8: byte 12 (0xe9) is not UTF-8")
+    assert bad["source"] == str(tmp_path / "captions.txt")
+    assert src.n_caption_lines == len(src.captions) + len(src.rejected) == 3
+
+
+def test_a_utf8_bom_is_skipped_in_every_caption_file(tmp_path):
+    bom = codecs.BOM_UTF8
+    kaggle = kaggle_folder(tmp_path / "kaggle", b"a0.jpg,A dog .\n", header=bom + b"image,caption\n")
+    (kaggle / "splits").mkdir()
+    (kaggle / "splits" / "train.txt").write_bytes(bom + b"a0.jpg\n")
+    src = read_caption_source(kaggle)
+    assert [(c.image_id, c.line) for c in src.captions] == [("a0.jpg", 2)] and not src.rejected
+    assert src.split_lists == {"train": [("a0.jpg", str(kaggle / "splits" / "train.txt"), 1)]}
+
+    original = tmp_path / "original"
+    write_jpeg(original / "Flicker8k_Dataset" / "b.jpg")
+    (original / "Flickr8k.token.txt").write_bytes(bom + b"b.jpg#0\tA bird .\n")
+    src = read_caption_source(original)
+    assert [(c.image_id, c.line) for c in src.captions] == [("b.jpg", 1)] and not src.rejected
+
+
+@pytest.mark.parametrize("ending", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
+def test_every_line_ending_splits_caption_lines(tmp_path, ending):
+    kaggle = kaggle_folder(tmp_path / "kaggle", ending.join([b"a0.jpg,A dog .", b"a1.jpg,\"A cat, grey .\"", b""]),
+                           header=b"image,caption" + ending)
+    src = read_caption_source(kaggle)
+    assert [(c.line, c.image_id, c.caption_raw) for c in src.captions] == [(2, "a0.jpg", "A dog ."),
+                                                                          (3, "a1.jpg", "A cat, grey .")]
+    original = tmp_path / "original"
+    write_jpeg(original / "Flicker8k_Dataset" / "b.jpg")
+    (original / "Flickr8k.token.txt").write_bytes(ending.join([b"b.jpg#0\tA bird .", b"b.jpg#1\tA wing .", b""]))
+    assert [c.line for c in read_caption_source(original).captions] == [1, 2]
+
+
+def test_an_unclosed_quote_rejects_its_line_only(tmp_path):
+    body = b'a0.jpg,"A dog, running .\na1.jpg,A cat .\na0.jpg,"A ""quoted"" dog ."\n'
+    src = read_caption_source(kaggle_folder(tmp_path, body))
+    assert [(c.line, c.caption_raw) for c in src.captions] == [(3, "A cat ."), (4, 'A "quoted" dog .')]
+    (bad,) = src.rejected
+    assert bad["line"] == 2 and bad["reason"].startswith("malformed_row: unexpected end of data")
+    assert "must close on its own line" in bad["reason"]
+
+
+def test_a_caption_longer_than_the_csv_field_limit_is_rejected(tmp_path):
+    body = b"a0.jpg," + b"x" * 200_000 + b"\na1.jpg,A cat .\n"
+    src = read_caption_source(kaggle_folder(tmp_path, body))
+    assert [c.line for c in src.captions] == [3]
+    assert src.rejected[0]["line"] == 2 and "field larger than field limit" in src.rejected[0]["reason"]
+
+
+def test_an_empty_caption_file_is_a_named_failure(tmp_path):
+    with pytest.raises(ValueError, match=r"captions.txt: no caption lines; the caption file is empty"):
+        read_caption_source(kaggle_folder(tmp_path / "zero", b"", header=b""))
+    with pytest.raises(ValueError, match=r"captions.txt: no caption lines after the header 'image,caption'"):
+        read_caption_source(kaggle_folder(tmp_path / "header_only", b"\n  \n"))
+    original = tmp_path / "original"
+    write_jpeg(original / "Flicker8k_Dataset" / "b.jpg")
+    (original / "Flickr8k.token.txt").write_bytes(codecs.BOM_UTF8 + b"\n")
+    with pytest.raises(ValueError, match=r"Flickr8k.token.txt: no caption lines; the caption file is empty"):
+        read_caption_source(original)
+
+
+def test_an_empty_split_list_is_a_warning_naming_it(tmp_path, caplog):
+    kaggle = kaggle_folder(tmp_path, b"a0.jpg,A dog .\n")
+    (kaggle / "splits").mkdir()
+    (kaggle / "splits" / "train.txt").write_bytes(b"a0.jpg\n")
+    (kaggle / "splits" / "test.txt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.sources"):
+        read_caption_source(kaggle)
+    assert f"Split list {kaggle / 'splits' / 'test.txt'} is empty" in caplog.text
+
+
+def test_a_line_of_separators_is_a_record_not_a_blank(tmp_path):
+    src = read_caption_source(kaggle_folder(tmp_path, b"a0.jpg,A dog .\n , \n\n"))
+    assert src.n_caption_lines == 2 and [(c.line, c.image_id) for c in src.captions] == [(2, "a0.jpg"), (3, "")]

@@ -129,3 +129,27 @@ def test_rejected_share_failure_message():
     with pytest.raises(ValueError, match=r"3 of 10 captions \(30.0%; \{'empty_caption': 3\}\) > "
                                          r"caption_data.max_rejected_share=0.2; every rejected record is in x.jsonl"):
         check_rejected_share(counts, 0.2, "x.jsonl")
+
+
+def test_duplicate_caption_lines_are_rejected_naming_the_first_line(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        (images / f"i{k}.jpg").write_bytes(jpeg_bytes(k, 16))
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n"
+        "i0.jpg,A red ball .\n"       # 2
+        "i0.jpg,A red ball .\n"       # 3 identical to 2
+        "i1.jpg,A red ball .\n"       # 4 same words, other image: kept
+        "i0.jpg,a RED ball!\n"        # 5 same words as 2 after cleaning
+        "i0.jpg,A blue ball .\n"      # 6
+        "i0.jpg,A red ball .\n",      # 7 identical to 2 again
+        encoding="utf-8")
+    result = assemble_caption_dataset(read_caption_source(tmp_path), workers=1)
+    duplicates = [(r["line"], r["image"], r["reason"]) for r in result.rejected if r["kind"] == "caption"]
+    reason = "duplicate_caption: duplicate of line 2 (same image, same words after cleaning)"
+    assert duplicates == [(3, "i0.jpg", reason), (5, "i0.jpg", reason), (7, "i0.jpg", reason)]
+    assert sorted(result.captions["caption"]) == ["a blue ball", "a red ball", "a red ball"]
+    c = result.counts
+    assert (c["input_captions"], c["accepted_captions"], c["rejected_captions"]) == (6, 3, 3)
+    assert c["rejected_captions_by_reason"] == {"duplicate_caption": 3}

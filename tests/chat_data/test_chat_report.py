@@ -1,5 +1,7 @@
 """Counts, the rejected table, the rejected-share failure and the histogram."""
 
+import json
+
 import pytest
 from matplotlib.figure import Figure
 
@@ -67,3 +69,28 @@ def test_first_rejection_per_reason_names_one_example_each():
 
     first = first_rejection_per_reason(_records())
     assert {k: v.location for k, v in first.items()} == {"duplicate": "a.jsonl:3", "malformed_json": "a.jsonl:2"}
+
+
+def test_rejected_frame_writes_any_record_as_utf8_json_lines(tmp_path):
+    """What a reader can hold (surrogates, deep nesting, huge numbers, bytes from parquet) still writes and reads back."""
+    deep: list = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    records = [
+        ChatRecord("a.json", 1, {"messages": [{"role": "user", "content": "a\ud800b"}]}, reason="invalid_unicode",
+                   detail="`messages[0].content` holds the unpaired surrogate U+D800"),
+        ChatRecord("a.json", 2, deep, reason="not_an_object", detail="expected a JSON object, got list"),
+        ChatRecord("a.parquet", 3, {"n": 10 ** 40, "blob": b"\xff"}, reason="missing_messages", detail="x"),
+        ChatRecord("b.jsonl", 4, "raw \udcff line", reason="malformed_json", detail="column 1: \udcff"),
+    ]
+    frame = rejected_frame(records)
+    path = tmp_path / "rejected.jsonl"
+    frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    back = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in back] == [1, 2, 3, 4]
+    assert back[0]["record"] == '{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    assert back[1]["record"].startswith("[[[")  # too deep for JSON: a shortened repr
+    assert json.loads(back[2]["record"]) == {"n": 10 ** 40, "blob": "b'\\xff'"}
+    assert back[3]["record"] == "raw \\udcff line" and back[3]["detail"] == "column 1: \\udcff"

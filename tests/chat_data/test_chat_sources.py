@@ -4,12 +4,15 @@ Bad inputs are real bytes written to a temp dir; each must come back as a reject
 its reason and line number, and no record may be lost.
 """
 
+import codecs
 import json
+import logging
+import re
 
 import pandas as pd
 import pytest
 
-from llm_caption.chat_data.records import check_accounting
+from llm_caption.chat_data.records import REASONS, check_accounting
 from llm_caption.chat_data.sources import read_sources
 
 GOOD = {"messages": [{"role": "user", "content": "سلام"}, {"role": "assistant", "content": "درود"}]}
@@ -111,3 +114,86 @@ def test_hub_source_without_hub_access_names_the_dataset_and_parameter(monkeypat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match=r"'some-org/persian-chat' split 'train\[:5\]' \(parameter chat_data.sources\[0\].dataset_id\)"):
         read_sources([{"type": "hub", "dataset_id": "some-org/persian-chat", "max_records": 5}])
+
+
+# --------------------------------------------------------------------------- hostile files: nothing stops the read
+
+
+def _good_line(n: int) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": f"سلام {n}"},
+                                    {"role": "assistant", "content": "درود"}]}, ensure_ascii=False).encode("utf-8")
+
+
+def test_a_line_nested_100000_deep_is_rejected_and_the_lines_after_it_are_read(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(b"\n".join([_good_line(1), b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000, _good_line(2)]))
+    records = read_sources([{"type": "file", "path": str(path)}])
+    assert [(r.line, r.reason) for r in records] == [
+        (1, None), (2, "too_deeply_nested"), (3, "too_deeply_nested"), (4, None)]
+    assert "recursion limit" in records[1].detail
+
+
+def test_a_deeply_nested_json_file_is_one_rejected_record(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    (record,) = read_sources([{"type": "file", "path": str(path)}])
+    assert record.reason == "too_deeply_nested" and record.detail.startswith("the whole file is unreadable")
+
+
+def test_a_utf8_bom_is_skipped_in_jsonl_and_json(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(codecs.BOM_UTF8 + _good_line(1) + b"\n" + _good_line(2) + b"\n")
+    records = read_sources([{"type": "file", "path": str(jsonl)}])
+    assert [(r.line, r.reason) for r in records] == [(1, None), (2, None)]
+    assert records[0].messages[0]["content"] == "سلام 1"
+    whole = tmp_path / "bom.json"
+    whole.write_bytes(codecs.BOM_UTF8 + b"[" + _good_line(1) + b"," + _good_line(2) + b"]")
+    assert [(r.line, r.reason) for r in read_sources([{"type": "file", "path": str(whole)}])] == [(1, None), (2, None)]
+
+
+@pytest.mark.parametrize("ending", [b"\r", b"\r\n", b"\n"], ids=["cr", "crlf", "lf"])
+def test_every_line_ending_splits_records(tmp_path, ending):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(ending.join([_good_line(1), b"not json", _good_line(3)]) + ending)
+    records = read_sources([{"type": "file", "path": str(path)}])
+    assert [(r.line, r.reason) for r in records] == [(1, None), (2, "malformed_json"), (3, None)]
+
+
+def test_a_json_file_that_is_not_a_list_is_one_named_rejected_record(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_bytes(_good_line(1))  # a single object, not a list of them
+    (record,) = read_sources([{"type": "file", "path": str(path)}])
+    assert (record.source, record.line, record.reason) == (str(path), 1, "not_a_list")
+    assert "top level is a JSON object" in record.detail and ".jsonl" in record.detail
+    assert record.reason in REASONS
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("empty.json", b"  \n"), ("bom_only.jsonl", codecs.BOM_UTF8)])
+def test_an_empty_file_is_a_warning_naming_it(tmp_path, caplog, name, content):
+    empty = tmp_path / name
+    empty.write_bytes(content)
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(_good_line(1) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="llm_caption.chat_data.sources"):
+        records = read_sources([{"type": "file", "path": str(empty)}, {"type": "file", "path": str(good)}])
+    assert len(records) == 1
+    assert f"Chat source {empty} (chat_data.sources[0]) is empty" in caplog.text
+
+
+def test_no_record_in_any_source_is_a_named_failure(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"No chat records in any source of parameter chat_data.sources: every one is "
+                                         rf"empty \({re.escape(str(empty))}\)"):
+        read_sources([{"type": "file", "path": str(empty)}])
+
+
+def test_an_unpaired_surrogate_escape_and_an_endless_number_are_rejected(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "x"}]}',
+        b'{"messages": [], "n": ' + b"9" * 5000 + b"}",
+        _good_line(3)]))
+    records = read_sources([{"type": "file", "path": str(path)}])
+    assert [(r.line, r.reason) for r in records] == [(1, "invalid_unicode"), (2, "malformed_json"), (3, None)]
+    assert "U+D800" in records[0].detail and "digits" in records[1].detail

@@ -6,8 +6,10 @@ its source file, line (or image) and a reason; :func:`assemble_caption_dataset` 
 
 images   ``missing_image`` (named but no file), ``empty_file`` (zero bytes), ``corrupt_image``
          (does not decode fully), ``not_in_split_lists``, ``in_multiple_splits``, ``no_captions``;
-captions ``malformed_row``, ``empty_caption``, ``unknown_image`` (no such image file),
-         ``image_rejected`` (its image was rejected for one of the image reasons).
+captions ``invalid_utf8`` (the line is not UTF-8), ``malformed_row``, ``empty_caption``,
+         ``duplicate_caption`` (the same image and cleaned caption as an earlier line, named),
+         ``unknown_image`` (no such image file), ``image_rejected`` (its image was rejected for one
+         of the image reasons).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pandas as pd
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
-from .sources import RawCaptionSource, reject
+from .sources import CaptionRecord, RawCaptionSource, reject
 from .text import clean_caption
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,34 @@ def seeded_split(image_ids: Iterable[str], shares: Sequence[float], seed: int) -
     return out
 
 
+def clean_captions(records: Sequence[CaptionRecord]) -> tuple[list[tuple[CaptionRecord, str]], list[dict[str, Any]]]:
+    """``(record, cleaned caption)`` for each usable caption line, and a rejection for every other one.
+
+    A line is rejected when its image name is empty (``malformed_row``), when no word is left after
+    cleaning (``empty_caption``), or when an earlier line gave the same image the same cleaned caption
+    (``duplicate_caption: duplicate of line N``; the first one stays): a repeated reference would count
+    twice in training and in BLEU/CIDEr.
+    """
+    kept: list[tuple[CaptionRecord, str]] = []
+    rejected: list[dict[str, Any]] = []
+    first_line: dict[tuple[str, str], int] = {}
+    for rec in records:
+        cleaned = clean_caption(rec.caption_raw)
+        if not rec.image_id:
+            rejected.append(reject(rec.source, "malformed_row: empty image name", rec.caption_raw, line=rec.line))
+        elif not cleaned:
+            rejected.append(reject(rec.source, "empty_caption: no words after cleaning", rec.caption_raw,
+                                   line=rec.line, image=rec.image_id))
+        elif (rec.image_id, cleaned) in first_line:
+            first = first_line[rec.image_id, cleaned]
+            rejected.append(reject(rec.source, f"duplicate_caption: duplicate of line {first} (same image, same words "
+                                               "after cleaning)", rec.caption_raw, line=rec.line, image=rec.image_id))
+        else:
+            first_line[rec.image_id, cleaned] = rec.line
+            kept.append((rec, cleaned))
+    return kept, rejected
+
+
 def assemble_caption_dataset(source: RawCaptionSource, split_shares: Sequence[float] = (0.8, 0.1, 0.1),
                              seed: int = 42, workers: int = 4) -> AssembledCaptions:
     """Join captions, split lists and image files; validate images; return accepted rows and rejections.
@@ -121,17 +151,9 @@ def assemble_caption_dataset(source: RawCaptionSource, split_shares: Sequence[fl
     rejected: list[dict[str, Any]] = list(source.rejected)
     files = set(source.image_files)
 
-    # 1. captions: clean; empty ones are rejected
-    captions: list[tuple[Any, str]] = []  # (CaptionRecord, cleaned)
-    for rec in source.captions:
-        cleaned = clean_caption(rec.caption_raw)
-        if not rec.image_id:
-            rejected.append(reject(rec.source, "malformed_row: empty image name", rec.caption_raw, line=rec.line))
-        elif not cleaned:
-            rejected.append(reject(rec.source, "empty_caption: no words after cleaning", rec.caption_raw,
-                                   line=rec.line, image=rec.image_id))
-        else:
-            captions.append((rec, cleaned))
+    # 1. captions: clean; empty ones and repeats are rejected
+    captions, caption_rejects = clean_captions(source.captions)
+    rejected.extend(caption_rejects)
     first_ref: dict[str, tuple[str, int]] = {}
     n_captions_of: Counter = Counter()
     for rec, _ in captions:

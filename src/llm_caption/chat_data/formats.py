@@ -11,10 +11,21 @@
 
 from __future__ import annotations
 
+import re
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error details: a few levels and characters deep, whatever the value's size or depth."""
+    return _SHORT.repr(value)
 
 
 class RecordError(ValueError):
@@ -38,11 +49,13 @@ def _messages_from(items: Any, key: str, role_key: str, content_key: str,
             raise RecordError("bad_messages", f"`{key}[{i}]` lacks `{role_key}` or `{content_key}`")
         role, content = item[role_key], item[content_key]
         if not isinstance(role, str) or role not in role_map:
-            raise RecordError("unknown_role", f"`{key}[{i}].{role_key}` is {role!r}; expected one of {sorted(role_map)}")
+            raise RecordError("unknown_role", f"`{key}[{i}].{role_key}` is {short_repr(role)}; "
+                                              f"expected one of {sorted(role_map)}")
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise RecordError("bad_messages", f"`{key}[{i}].{content_key}` is {type(content).__name__}, expected text")
+        _require_characters(content, f"`{key}[{i}].{content_key}`")
         messages.append({"role": role_map[role], "content": content})
     return messages
 
@@ -51,7 +64,7 @@ def parse_openai(record: Any, sharegpt_roles: Mapping[str, str] | None = None) -
     """Messages of an OpenAI-format record."""
     _require_object(record)
     if "messages" not in record:
-        raise RecordError("missing_messages", f"no `messages` key (keys: {sorted(record)[:10]})")
+        raise RecordError("missing_messages", f"no `messages` key (keys: {_keys(record)})")
     return _messages_from(record["messages"], "messages", "role", "content", {r: r for r in ROLES})
 
 
@@ -59,7 +72,7 @@ def parse_sharegpt(record: Any, sharegpt_roles: Mapping[str, str] | None = None)
     """Messages of a ShareGPT-format record; ``sharegpt_roles`` maps ``from`` values to roles."""
     _require_object(record)
     if "conversations" not in record:
-        raise RecordError("missing_messages", f"no `conversations` key (keys: {sorted(record)[:10]})")
+        raise RecordError("missing_messages", f"no `conversations` key (keys: {_keys(record)})")
     role_map = dict(sharegpt_roles or {"system": "system", "human": "user", "gpt": "assistant"})
     bad = {k: v for k, v in role_map.items() if v not in ROLES}
     if bad:
@@ -75,7 +88,7 @@ def parse_auto(record: Any, sharegpt_roles: Mapping[str, str] | None = None) -> 
     if "conversations" in record:
         return parse_sharegpt(record, sharegpt_roles)
     raise RecordError("missing_messages",
-                      f"neither `messages` nor `conversations` key (keys: {sorted(map(str, record))[:10]})")
+                      f"neither `messages` nor `conversations` key (keys: {_keys(record)})")
 
 
 def parse_chain(record: Any, sharegpt_roles: Mapping[str, str] | None = None) -> list[dict[str, str]]:
@@ -86,8 +99,23 @@ def parse_chain(record: Any, sharegpt_roles: Mapping[str, str] | None = None) ->
     for i, turn in enumerate(record):
         if not isinstance(turn, str):
             raise RecordError("bad_messages", f"turn {i} is {type(turn).__name__}, expected text")
+        _require_characters(turn, f"turn {i}")
         messages.append({"role": ("user", "assistant")[i % 2], "content": turn})
     return messages
+
+
+def _require_characters(text: str, where: str) -> None:
+    """Reject text holding an unpaired surrogate (JSON's ``"\\ud800"`` escape): it is no character and cannot be
+    written as UTF-8, so it would fail every later step that saves or tokenizes the text."""
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise RecordError("invalid_unicode", f"{where} holds the unpaired surrogate U+{ord(surrogate.group()):04X} "
+                                             f"at character {surrogate.start()}")
+
+
+def _keys(record: Mapping) -> list[str]:
+    """The first ten keys of ``record``, sorted and shortened, to name them in a reason's detail."""
+    return [short_repr(k) if not isinstance(k, str) else k[:60] for k in sorted(record, key=str)[:10]]
 
 
 def _require_object(record: Any) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
+from .formats import short_repr
 from .records import ChatRecord, reason_counts
 
 CHAT_COLUMNS = ["conversation_id", "source", "messages", "n_tokens"]
@@ -25,10 +27,24 @@ def conversations_frame(records: Sequence[ChatRecord]) -> pd.DataFrame:
     return frame.astype({"conversation_id": "str", "source": "str", "n_tokens": "int64"})
 
 
+def record_as_text(record: Any) -> str:
+    """A rejected record as text that always writes as UTF-8: a line as read, any other value (a list item,
+    a table row, a corpus chain) as JSON; unpaired surrogates are escaped (``\\ud800``)."""
+    if not isinstance(record, str):
+        try:
+            record = json.dumps(record, ensure_ascii=False, default=str)
+        except (TypeError, ValueError, RecursionError):  # circular, too deep, an integer too long to print
+            try:
+                record = short_repr(record)
+            except (ValueError, RecursionError):
+                record = f"<{type(record).__name__} that cannot be shown as text>"
+    return record.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def rejected_frame(records: Sequence[ChatRecord]) -> pd.DataFrame:
-    """One row per rejected record: source, line, reason, detail and the record as read."""
-    rows = [{"source": r.source, "line": r.line, "reason": r.reason, "detail": r.detail, "record": r.record}
-            for r in records if not r.accepted]
+    """One row per rejected record: source, line, reason, detail and the record as text (:func:`record_as_text`)."""
+    rows = [{"source": r.source, "line": r.line, "reason": r.reason, "detail": record_as_text(r.detail),
+             "record": record_as_text(r.record)} for r in records if not r.accepted]
     return pd.DataFrame(rows, columns=REJECTED_COLUMNS)
 
 

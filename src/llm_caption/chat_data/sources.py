@@ -16,14 +16,19 @@ Each entry of ``chat_data.sources`` has a ``type`` from :data:`SOURCE_READERS`:
     ``revision``, ``max_records``), loaded with ``datasets.load_dataset``. Needs hub access.
 
 Readers return one :class:`ChatRecord` per input record: parsed (``messages`` set) or rejected
-with the reason and the line / record number. Only a missing source raises here.
+with the reason and the line / record number; no content of a file makes a reader raise (bad bytes,
+bad JSON, nesting too deep, a BOM, any line ending). A source with no records is logged as a
+warning naming it. Only a missing or unusable source (and no records from all sources together)
+raises here.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,7 +91,7 @@ def read_chatterbot(spec: Mapping[str, Any], where: str, sharegpt_roles: Mapping
     for path in sorted(directory.glob(spec.get("files", "*.yml"))):
         source = f"chatterbot_corpus/data/{language}/{path.name}"
         try:
-            conversations = yaml.load(path.read_text(encoding="utf-8"), Loader=safe_loader)["conversations"]
+            conversations = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=safe_loader)["conversations"]
         except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not a chatterbot corpus file with a `conversations` list ({err})") from err
         for index, chain in enumerate(conversations, start=1):
@@ -107,51 +112,86 @@ def read_chatterbot(spec: Mapping[str, Any], where: str, sharegpt_roles: Mapping
 # --------------------------------------------------------------------------- local files
 
 
+def _decode_json(text: str) -> tuple[Any, tuple[str, str, int] | None]:
+    """``(object, None)``, or ``(None, (reason, detail, line))`` when ``text`` is not JSON this reader can hold.
+
+    Besides malformed JSON, Python's parser raises ``RecursionError`` for deeply nested arrays/objects
+    and a plain ``ValueError`` for an integer longer than ``sys.get_int_max_str_digits()``; each of these
+    becomes a reason, so no input line can stop the read.
+    """
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, ("malformed_json", f"line {err.lineno} column {err.colno}: {err.msg}", err.lineno)
+    except RecursionError:
+        return None, ("too_deeply_nested", "arrays/objects nest deeper than Python's JSON parser can follow "
+                                           f"(recursion limit {sys.getrecursionlimit()})", 1)
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, ("malformed_json", str(err), 1)
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for the type of a decoded value (object, array, string, number, boolean, null)."""
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _jsonl_record(source: str, number: int, raw_bytes: bytes, parser: Callable,
+                  roles: Mapping[str, str] | None) -> ChatRecord:
+    """The record of one JSONL line: parsed, or rejected with the reason."""
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return ChatRecord(source, number, raw_bytes.decode("utf-8", "backslashreplace"), reason="invalid_utf8",
+                          detail=f"byte {err.start} ({raw_bytes[err.start:err.start + 1]!r}): {err.reason}")
+    if not text.strip():
+        return ChatRecord(source, number, text, reason="empty_record", detail="blank line")
+    obj, error = _decode_json(text)
+    if error:
+        reason, detail, _ = error
+        return ChatRecord(source, number, text, reason=reason, detail=detail.removeprefix("line 1 "))
+    return _parsed(source, number, text, obj, parser, roles)
+
+
 def _read_jsonl(path: Path, source: str, parser: Callable, roles: Mapping[str, str] | None) -> list[ChatRecord]:
-    """One record per line; every line (blank, undecodable or malformed included) becomes a record."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    records = []
-    for number, raw_bytes in enumerate(lines, start=1):
-        raw_bytes = raw_bytes.removesuffix(b"\r")
-        try:
-            text = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            records.append(ChatRecord(source, number, raw_bytes.decode("utf-8", "backslashreplace"),
-                                      reason="invalid_utf8",
-                                      detail=f"byte {err.start} ({raw_bytes[err.start:err.start + 1]!r}): {err.reason}"))
-            continue
-        if not text.strip():
-            records.append(ChatRecord(source, number, text, reason="empty_record", detail="blank line"))
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            records.append(ChatRecord(source, number, text, reason="malformed_json",
-                                      detail=f"column {err.colno}: {err.msg}"))
-            continue
-        records.append(_parsed(source, number, text, obj, parser, roles))
-    return records
+    """One record per line; every line (blank, undecodable or malformed included) becomes a record.
+
+    Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r`` (JSON text holds none of these unescaped, so no
+    record is split); a UTF-8 byte-order mark at the start of the file is skipped.
+    """
+    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
+    return [_jsonl_record(source, number, raw, parser, roles) for number, raw in enumerate(lines, start=1)]
+
+
+def _whole_file_rejected(source: str, line: int, raw: str, reason: str, detail: str) -> list[ChatRecord]:
+    """A ``.json`` file that cannot be read as records, as one rejected record (so it is counted and written)."""
+    return [ChatRecord(source, line, raw[:MAX_RAW_CHARS], reason=reason,
+                       detail=f"the whole file is unreadable: {detail}")]
 
 
 def _read_json(path: Path, source: str, parser: Callable, roles: Mapping[str, str] | None) -> list[ChatRecord]:
-    """A JSON list of records (record number = position, 1-based); a file that does not parse is one rejected record."""
-    data = path.read_bytes()
+    """A JSON list of records (record number = position, 1-based).
+
+    A UTF-8 byte-order mark is skipped; an empty (or all-whitespace) file holds no records. A file that
+    does not decode, does not parse or whose top level is not a list is one rejected record naming why.
+    """
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
-        obj = json.loads(text)
     except UnicodeDecodeError as err:
         line = data[:err.start].count(b"\n") + 1
-        raw = data.decode("utf-8", "backslashreplace")
-        return [ChatRecord(source, line, raw[:MAX_RAW_CHARS], reason="invalid_utf8",
-                           detail=f"the whole file is unreadable: byte {err.start} on line {line}: {err.reason}")]
-    except json.JSONDecodeError as err:
-        return [ChatRecord(source, err.lineno, text[:MAX_RAW_CHARS], reason="malformed_json",
-                           detail=f"the whole file is unreadable: line {err.lineno} column {err.colno}: {err.msg}")]
+        return _whole_file_rejected(source, line, data.decode("utf-8", "backslashreplace"), "invalid_utf8",
+                                    f"byte {err.start} on line {line}: {err.reason}")
+    if not text.strip():
+        return []
+    obj, error = _decode_json(text)
+    if error:
+        reason, detail, line = error
+        return _whole_file_rejected(source, line, text, reason, detail)
     if not isinstance(obj, list):
-        raise ValueError(f"{path}: a .json chat file must hold a list of records, got {type(obj).__name__}")
+        return _whole_file_rejected(source, 1, text, "not_a_list",
+                                    f"the top level is a JSON {_json_type(obj)}; a .json chat file holds a list "
+                                    "of records (or use .jsonl, one record a line)")
     return [_parsed(source, i, item, item, parser, roles) for i, item in enumerate(obj, start=1)]
 
 
@@ -223,15 +263,29 @@ def read_sources(sources: Sequence[Mapping[str, Any]], sharegpt_roles: Mapping[s
     if not sources:
         raise ValueError(f"Parameter {param_name} is empty: name at least one chat source")
     records: list[ChatRecord] = []
+    names = []
     for i, spec in enumerate(sources):
         where = f"{param_name}[{i}]"
         kind = spec.get("type")
         if kind not in SOURCE_READERS:
             raise ValueError(f"Parameter {where}.type={kind!r}; expected one of {sorted(SOURCE_READERS)}")
         found = SOURCE_READERS[kind](spec, where, sharegpt_roles)
-        logger.info("Read %d chat records from %s source %s", len(found), kind, where)
+        name = _source_name(spec)
+        names.append(name)
+        if found:
+            logger.info("Read %d chat records from %s source %s (%s)", len(found), kind, where, name)
+        else:
+            logger.warning("Chat source %s (%s) is empty: no records read from it", name, where)
         records.extend(found)
+    if not records:
+        raise ValueError(f"No chat records in any source of parameter {param_name}: every one is empty "
+                         f"({', '.join(names)})")
     return records
+
+
+def _source_name(spec: Mapping[str, Any]) -> str:
+    """What a source is called in messages: its file, hub dataset or corpus language."""
+    return str(spec.get("path") or spec.get("dataset_id") or f"chatterbot corpus {spec.get('language', 'persian')!r}")
 
 
 def count_by_source(records: Iterable[ChatRecord]) -> dict[str, int]:
