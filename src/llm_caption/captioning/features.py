@@ -2,9 +2,12 @@
 
 The cache key is a hash of everything that determines the features: the encoder (name, grid
 size, hash of its weights file), the transform spec, the number of views and the image list
-(ids, paths and file sizes). Change any of them and a new entry is built; the old one stays
-until deleted. An entry is a folder ``<root>/<key>/`` with ``features.npy``
-(``[N, views, P, C]`` float16; view 1 is the horizontally flipped image) and ``meta.json``.
+(ids, paths and a BLAKE2b digest of each file's bytes, so a replaced image is noticed even when
+its size and modification time are unchanged). Change any of them and a new entry is built; the
+old one stays until deleted. An entry is a folder ``<root>/<key>/`` with ``features.npy``
+(``[N, views, P, C]`` float16; view 1 is the horizontally flipped image) and ``meta.json``,
+written to a temporary folder and moved into place; an entry that cannot be read is named in a
+warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -52,10 +55,19 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image '{path}': {exc}") from exc
 
 
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b (128-bit) hex digest of a file's bytes; ``"missing"`` when it does not exist."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    except FileNotFoundError:
+        return "missing"
+
+
 def cache_key(encoder_fingerprint: Mapping[str, Any], transform_spec: Mapping[str, Any],
               image_ids: Sequence[str], image_paths: Sequence[str], views: int) -> str:
-    """Hash of encoder, transform, views and image list (ids, paths, file sizes)."""
-    images = [(i, str(p), os.path.getsize(p) if os.path.exists(p) else -1) for i, p in zip(image_ids, image_paths)]
+    """Hash of encoder, transform, views and image list (ids, paths, content digests)."""
+    images = [(i, str(p), file_digest(p)) for i, p in zip(image_ids, image_paths)]
     payload = {"encoder": dict(encoder_fingerprint), "transform": dict(transform_spec), "views": views,
                "images": images}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -100,9 +112,12 @@ class FeatureCache:
         return (self.path(key) / "meta.json").exists()
 
     def load(self, key: str) -> CachedFeatures:
+        """Read an entry (no pickle); ``ValueError`` when its features do not match its ``meta.json``."""
         folder = self.path(key)
         meta = json.loads((folder / "meta.json").read_text())
-        feats = torch.from_numpy(np.load(folder / "features.npy"))
+        feats = torch.from_numpy(np.load(folder / "features.npy", allow_pickle=False))
+        if list(feats.shape) != list(meta["shape"]) or feats.shape[0] != len(meta["image_ids"]):
+            raise ValueError(f"{folder / 'features.npy'} has shape {list(feats.shape)}, meta.json says {meta['shape']}")
         return CachedFeatures(feats, meta["image_ids"], tuple(meta["grid_hw"]), key, False, meta["seconds_per_image"])
 
     def get_or_build(self, encoder: torch.nn.Module, encoder_fingerprint: Mapping[str, Any],
@@ -113,10 +128,21 @@ class FeatureCache:
         image_ids, image_paths = list(map(str, image_ids)), list(map(str, image_paths))
         if len(set(image_ids)) != len(image_ids):
             raise ValueError("feature cache: image ids must be unique")
+        start = time.perf_counter()
         key = cache_key(encoder_fingerprint, transform_spec, image_ids, image_paths, views)
+        logger.info("Feature cache key %s from %d image digests (%.1f s)", key, len(image_ids),
+                    time.perf_counter() - start)
         if self.exists(key):
-            logger.info("Feature cache hit %s (%d images)", self.path(key), len(image_ids))
-            return self.load(key)
+            try:
+                cached = self.load(key)
+            except (OSError, EOFError, ValueError, KeyError) as exc:
+                logger.warning("Feature cache entry %s cannot be read (%s: %s); rebuilding it", self.path(key),
+                               type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            else:
+                if cached.image_ids == image_ids:
+                    logger.info("Feature cache hit %s (%d images)", self.path(key), len(image_ids))
+                    return cached
+                logger.warning("Feature cache entry %s lists other images; rebuilding it", self.path(key))
         logger.info("Feature cache miss: encoding %d images x %d view(s) into %s", len(image_ids), views, self.path(key))
         feats, grid_hw, seconds = extract_features(encoder, image_paths, transform, batch_size, views)
         tmp = self.root / f".{key}.tmp-{os.getpid()}"
