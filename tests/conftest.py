@@ -2,6 +2,9 @@
 
 Pipelines run through Kedro's real session and runner with the ``smoke`` environment,
 inside a temporary directory, so tests never touch ``data/`` or ``mlruns/`` of the checkout.
+Inside the copy, the smoke environment keeps its datasets under its own data root
+(:func:`data_root`, ``data/smoke``) and records into its own MLflow store (:func:`store_uri`,
+``mlruns/smoke.db``), as it does in a real checkout.
 """
 
 from __future__ import annotations
@@ -65,13 +68,33 @@ def forget_mlflow_stores() -> None:
             store._engine_map.clear()
 
 
+def data_root(project: Path, env: str = "smoke") -> Path:
+    """Where ``env`` keeps its datasets in ``project`` (``globals.data_root`` of its config)."""
+    from kedro.config import OmegaConfigLoader
+
+    from llm_caption.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(project / "conf"), env=env, **CONFIG_LOADER_ARGS)
+    return project / loader["globals"]["data_root"]
+
+
+def store_uri(project: Path, env: str = "smoke") -> str:
+    """The MLflow store ``kedro run --env=ENV`` records into in ``project``, as an absolute sqlite URI."""
+    from llm_caption.tracking import sqlite_path, tracking_uri
+
+    uri = tracking_uri(env, project)
+    path = sqlite_path(uri)
+    return uri if path is None or path.is_absolute() else f"sqlite:///{project / path}"
+
+
 def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
                  params: dict | None = None, tags: list[str] | None = None) -> dict:
     """Run ``pipeline`` (``None``: the default pipeline) in ``project`` with Kedro's session and runner.
 
     ``tags`` restricts the run to nodes with those tags, as ``kedro run --tags``.
 
-    kedro-mlflow's hook is active, as in ``kedro run``: the run lands in ``project/mlruns/mlflow.db``.
+    kedro-mlflow's hook is active, as in ``kedro run``: the run lands in :func:`store_uri` of ``env``
+    (``project/mlruns/smoke.db`` for smoke).
     Returns what the session returns (the pipeline's free outputs).
     """
     import mlflow

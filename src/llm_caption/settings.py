@@ -4,6 +4,9 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
+from llm_caption.hooks import TrackingStoreHook
+from llm_caption.tracking import resolve_tracking_uri
+
 # No command should wait on a telemetry call to the network.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -11,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Checks the MLflow store before kedro-mlflow's hook touches it (fails in seconds, naming the URI).
+HOOKS = (TrackingStoreHook(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -21,4 +27,7 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {
         "mlflow": ["mlflow*", "mlflow*/**"],
     },
+    # mlflow.yml: ``${tracking_uri:DEFAULT}`` is $MLFLOW_TRACKING_URI when set, else DEFAULT, so the
+    # variable means the same store for `kedro run` and the command-line tools (llm_caption.tracking).
+    "custom_resolvers": {"tracking_uri": resolve_tracking_uri},
 }

@@ -4,13 +4,19 @@ kedro-mlflow opens one MLflow run per ``kedro run`` (the *pipeline run*). Work t
 deserves its own run -- one fine-tuning method, one captioning architecture -- opens a
 *child run* nested under it with :func:`child_run`, so the MLflow UI groups them.
 Outside a Kedro run (tests, notebooks) a child run is simply a top-level run.
+
+:func:`tracking_uri` answers "which store?" the same way for ``kedro run`` and the command-line
+tools (``$MLFLOW_TRACKING_URI`` wins over ``mlflow.yml``), and :func:`check_tracking_store` fails
+fast when that store does not answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -47,3 +53,111 @@ def child_run(name: str, tags: Mapping[str, str] | None = None, params: Mapping[
         logger.info("MLflow run %s (%s)%s", name, run.info.run_id,
                     f" nested under {parent.info.run_id}" if parent else "")
         yield run
+
+
+# --------------------------------------------------------------------------------------------
+# Which store: one answer for `kedro run` and the command-line tools
+# --------------------------------------------------------------------------------------------
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory when relative), else ``None``."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+class TrackingStoreUnreachable(RuntimeError):
+    """The MLflow tracking store named in the message does not answer."""
+
+
+def resolve_tracking_uri(default: str) -> str:
+    """The ``${tracking_uri:DEFAULT}`` resolver of ``mlflow.yml``: ``$MLFLOW_TRACKING_URI`` when set, else ``default``."""
+    return os.environ.get(TRACKING_URI_ENV) or default
+
+
+def tracking_uri(env: str | None = None, project_dir: str | Path = ".") -> str:
+    """The MLflow store that ``kedro run --env=ENV`` uses in ``project_dir``.
+
+    That is ``server.mlflow_tracking_uri`` of ``conf/base/mlflow.yml`` merged with ``conf/<env>/``
+    (the project's own config loader, so ``$MLFLOW_TRACKING_URI`` wins through ``${tracking_uri:...}``);
+    outside a project, ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns/mlflow.db``.
+    """
+    conf = Path(project_dir) / "conf"
+    if not (conf / "base").is_dir():
+        return resolve_tracking_uri(DEFAULT_TRACKING_URI)
+    import warnings
+
+    from kedro.config import OmegaConfigLoader
+
+    from .settings import CONFIG_LOADER_ARGS
+
+    with warnings.catch_warnings():  # omegaconf's deprecation notice for Kedro's own resolvers
+        warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
+        loader = OmegaConfigLoader(conf_source=str(conf), env=env, **CONFIG_LOADER_ARGS)
+        server = (loader["mlflow"] or {}).get("server") or {}
+    return server.get("mlflow_tracking_uri") or resolve_tracking_uri(DEFAULT_TRACKING_URI)
+
+
+def _http_unreachable(uri: str, timeout_s: float) -> str | None:
+    """Why the HTTP(S) server at ``uri`` does not answer (any HTTP status counts as an answer), else ``None``."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (auth, proxy or path differences are MLflow's business)
+    except urllib.error.URLError as err:
+        reason = err.reason
+        if isinstance(reason, ssl.SSLError):
+            return None  # something listens; certificate settings are MLflow's business
+        return str(getattr(reason, "strerror", None) or reason)
+    except (OSError, ValueError) as err:  # timeouts while reading, malformed URLs
+        return str(err) or type(err).__name__
+
+
+def _tcp_unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why nothing accepts a TCP connection on ``host:port`` within ``timeout_s``, else ``None``."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return str(getattr(err, "strerror", None) or err) or type(err).__name__
+
+
+def check_tracking_store(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with one line naming ``uri``, when the tracking store cannot be reached.
+
+    HTTP(S) servers must answer a request within ``timeout_s`` (MLflow itself would retry for minutes);
+    database servers must accept a TCP connection. For a sqlite store the folder of the database file is
+    created if missing. Other stores are left to MLflow.
+    """
+    from urllib.parse import urlparse
+
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+", 1)[0]
+    if scheme in ("http", "https"):
+        why = _http_unreachable(uri, timeout_s)
+    elif scheme in DATABASE_PORTS and parsed.hostname:
+        why = _tcp_unreachable(parsed.hostname, parsed.port or DATABASE_PORTS[scheme], timeout_s)
+    else:
+        return
+    if why is not None:
+        raise TrackingStoreUnreachable(
+            f"MLflow tracking store {uri} is unreachable ({why}); start it, or point {TRACKING_URI_ENV} "
+            f"(or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) at a store that answers")

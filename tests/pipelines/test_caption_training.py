@@ -1,5 +1,6 @@
 """caption_training through Kedro's session (smoke env) on a small real synthetic-scenes data set."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,41 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "captioning"))
-from caption_fixtures import make_caption_inputs, one_torch_thread, write_caption_inputs  # noqa: E402,F401
-from conftest import run_pipeline  # noqa: E402
+from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: E402,F401
+from conftest import data_root, run_pipeline, store_uri  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ARCHS = ["show_tell", "show_attend_tell", "cnn_transformer"]
 
 
+def write_smoke_caption_inputs(root: Path, inputs: dict) -> None:
+    """Write data_engineering's caption outputs where the smoke catalog reads them (under ``root``)."""
+    for layer in ("03_primary", "05_model_input"):
+        (root / layer).mkdir(parents=True, exist_ok=True)
+    inputs["caption_images"].to_parquet(root / "03_primary/caption_images.parquet", index=False)
+    inputs["captions_encoded"].to_parquet(root / "05_model_input/captions_encoded.parquet", index=False)
+    (root / "05_model_input/caption_vocab.json").write_text(json.dumps(inputs["caption_vocab"]))
+    (root / "05_model_input/image_transform_spec.json").write_text(json.dumps(inputs["image_transform_spec"]))
+
+
+def files_under(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
 def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     inputs = make_caption_inputs(kedro_project.parent, n_images=24, image_size=64)
-    write_caption_inputs(kedro_project, inputs)
+    smoke = data_root(kedro_project, "smoke")
+    assert smoke == kedro_project / "data/smoke"
+    write_smoke_caption_inputs(smoke, inputs)
+    default_data = files_under(kedro_project / "data") - {f"smoke/{f}" for f in files_under(smoke)}
     run_pipeline(kedro_project, "caption_training", env="smoke")
 
-    out = kedro_project / "data/07_model_output"
+    # The smoke run wrote only under its own data root and into its own store.
+    assert files_under(kedro_project / "data") - {f"smoke/{f}" for f in files_under(smoke)} == default_data
+    assert not (kedro_project / "mlruns/mlflow.db").exists()
+    assert (kedro_project / "mlruns/smoke.db").is_file()
+    uri = store_uri(kedro_project, "smoke")
+    out = smoke / "07_model_output"
     results = pd.read_csv(out / "caption_model_results.csv")
     assert results["architecture"].tolist() == ARCHS
     assert list(results.columns) == ["architecture", "params", "epochs_run", "epoch_time_cached_s",
@@ -41,7 +64,7 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     sample = pd.read_pickle(out / "caption_attention_sample.pkl")
     assert sample["alphas"].shape == (len(sample["words"]), 2, 2)
 
-    client = MlflowClient(tracking_uri="sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = {r.data.tags.get("architecture"): r for r in
             client.search_runs(client.get_experiment_by_name("llm_caption").experiment_id)}
     for arch, run_id in zip(results["architecture"], results["mlflow_run_id"]):
@@ -50,6 +73,7 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
         assert len(client.get_metric_history(run_id, "val_bleu4")) == 2
     champion = client.get_model_version_by_alias("image-captioner", "champion")
     assert str(champion.version) == "1" and champion.tags["metric_name"] == "val_bleu4"
+    assert champion.tags["champion_decision"] == "promoted: no champion yet"
 
     # Second run: the checkpoints are complete, so it resumes without training and ties the champion.
     run_pipeline(kedro_project, "caption_training", env="smoke")
@@ -60,7 +84,7 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     pd.testing.assert_series_equal(again["best_val_bleu4"], results["best_val_bleu4"])
 
     cli = subprocess.run([sys.executable, "-m", "llm_caption.caption", inputs["caption_images"]["image_path"][0],
-                          "--tracking-uri", "sqlite:///mlruns/mlflow.db"], capture_output=True, text=True,
+                          "--tracking-uri", uri], capture_output=True, text=True,
                          timeout=300, cwd=kedro_project)
     assert cli.returncode == 0, cli.stderr[-2000:]
     path, caption = cli.stdout.strip().splitlines()[-1].split("\t")
