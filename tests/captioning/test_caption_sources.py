@@ -90,7 +90,7 @@ def test_prepare_source_checks_the_folder_and_the_kind(tmp_path):
 
 # -- hostile caption files: every line accounted for, never a crash -----------------------------
 def kaggle_folder(root, body: bytes, header: bytes = b"image,caption\n", n_images=2):
-    """A Kaggle-layout folder with ``n_images`` real JPEGs (a0.jpg, a1.jpg, ...) and ``captions.txt`` = header + body."""
+    """A Kaggle-layout folder: ``n_images`` real JPEGs (a0.jpg, a1.jpg, ...), ``captions.txt`` = header + body."""
     for i in range(n_images):
         write_jpeg(root / "images" / f"a{i}.jpg", seed=i, size=16)
     (root / "captions.txt").write_bytes(header + body)

@@ -72,7 +72,7 @@ def test_first_rejection_per_reason_names_one_example_each():
 
 
 def test_rejected_frame_writes_any_record_as_utf8_json_lines(tmp_path):
-    """What a reader can hold (surrogates, deep nesting, huge numbers, bytes from parquet) still writes and reads back."""
+    """What a reader can hold (surrogates, deep nesting, huge numbers, parquet bytes) still writes and reads back."""
     deep: list = []
     inner = deep
     for _ in range(5000):

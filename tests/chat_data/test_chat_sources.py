@@ -168,7 +168,8 @@ def test_a_json_file_that_is_not_a_list_is_one_named_rejected_record(tmp_path):
     assert record.reason in REASONS
 
 
-@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("empty.json", b"  \n"), ("bom_only.jsonl", codecs.BOM_UTF8)])
+@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("empty.json", b"  \n"),
+                                           ("bom_only.jsonl", codecs.BOM_UTF8)])
 def test_an_empty_file_is_a_warning_naming_it(tmp_path, caplog, name, content):
     empty = tmp_path / name
     empty.write_bytes(content)

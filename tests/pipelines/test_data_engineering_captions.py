@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_pipeline
+from conftest import data_root, run_pipeline, store_uri
 from llm_caption.captioning.vocab import Vocabulary
 
 
@@ -23,7 +23,7 @@ def run_caption_branch(project: Path, params: dict | None = None, env: str = "sm
 
 
 def latest_run(project: Path):
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=store_uri(project))
     experiment = client.get_experiment_by_name("llm_caption")
     (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     return client, run
@@ -56,7 +56,7 @@ def make_bad_folder(root: Path, n_good: int = 20) -> Path:
 
 def test_smoke_run_writes_the_contract_datasets_and_mlflow_records(kedro_project):
     run_caption_branch(kedro_project)  # the chat branch has its own tests
-    data = kedro_project / "data"
+    data = data_root(kedro_project)
 
     images = pd.read_parquet(data / "03_primary/caption_images.parquet")
     assert list(images.columns) == ["image_id", "image_path", "split", "width", "height"]
@@ -100,7 +100,7 @@ def test_bad_inputs_are_rejected_recorded_and_counted(kedro_project, tmp_path):
     bad = make_bad_folder(tmp_path / "bad")
     run_caption_branch(kedro_project, {"caption_data": {"source": "folder", "data_dir": str(bad)}})
 
-    rejected = read_jsonl(kedro_project / "data/02_intermediate/rejected_captions.jsonl")
+    rejected = read_jsonl(data_root(kedro_project) / "02_intermediate/rejected_captions.jsonl")
     reasons = {(r["kind"], r["image"] or r["line"]): r["reason"].split(":")[0] for r in rejected}
     assert reasons == {
         ("image", "zero.jpg"): "empty_file", ("image", "cut.jpg"): "corrupt_image",
@@ -110,7 +110,7 @@ def test_bad_inputs_are_rejected_recorded_and_counted(kedro_project, tmp_path):
         ("caption", 46): "malformed_row"}
     assert all(r["source"].startswith(str(bad)) for r in rejected)
 
-    report = json.loads((kedro_project / "data/08_reporting/caption_data_report.json").read_text())
+    report = json.loads((data_root(kedro_project) / "08_reporting/caption_data_report.json").read_text())
     counts = report["counts"]
     assert counts["accepted_captions"] + counts["rejected_captions"] == counts["input_captions"] == 45
     assert counts["accepted_images"] + counts["rejected_images"] == counts["input_images"] == 23
@@ -128,6 +128,32 @@ def test_too_many_rejections_fail_once_after_the_rejections_are_written(kedro_pr
     bad = make_bad_folder(tmp_path / "bad", n_good=4)
     with pytest.raises(Exception, match=r"Too much caption data rejected: .* > caption_data.max_rejected_share=0.2"):
         run_caption_branch(kedro_project, {"caption_data": {"source": "folder", "data_dir": str(bad)}})
-    assert len(read_jsonl(kedro_project / "data/02_intermediate/rejected_captions.jsonl")) == 8
-    assert not (kedro_project / "data/05_model_input/captions_encoded.parquet").exists()
+    assert len(read_jsonl(data_root(kedro_project) / "02_intermediate/rejected_captions.jsonl")) == 8
+    assert not (data_root(kedro_project) / "05_model_input/captions_encoded.parquet").exists()
 
+
+
+def test_hostile_caption_file_is_read_to_the_end_and_every_reject_is_written(kedro_project, tmp_path):
+    """A BOM, CR-only line endings, a Latin-1 byte, an unclosed quote and repeated lines: the run finishes, each
+    bad line is a reject with its line number, and accepted + rejected = lines read."""
+    root = tmp_path / "hostile"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(20):
+        (root / "images" / f"g{i:02d}.jpg").write_bytes(jpeg_bytes(i))
+        rows += [f"g{i:02d}.jpg,A {['red', 'blue'][i % 2]} thing .".encode(),
+                 f"g{i:02d}.jpg,Something {i} here .".encode()]
+    rows += ["g00.jpg,A café .".encode("latin-1"),   # line 42: not UTF-8
+             b'g01.jpg,"An unclosed, quote .',        # line 43
+             rows[0], rows[0]]                        # lines 44, 45: repeats of line 2
+    (root / "captions.txt").write_bytes(b"\xef\xbb\xbfimage,caption\r" + b"\r".join(rows) + b"\r")
+    run_caption_branch(kedro_project, {"caption_data": {"source": "folder", "data_dir": str(root)}})
+
+    rejected = read_jsonl(data_root(kedro_project) / "02_intermediate/rejected_captions.jsonl")
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejected] == [
+        (42, "invalid_utf8"), (43, "malformed_row"), (44, "duplicate_caption"), (45, "duplicate_caption")]
+    assert rejected[0]["record"] == "g00.jpg,A caf\\xe9 ." and rejected[2]["reason"].startswith(
+        "duplicate_caption: duplicate of line 2")
+    report = json.loads((data_root(kedro_project) / "08_reporting/caption_data_report.json").read_text())
+    assert report["counts"] == {"input_captions": 44, "accepted_captions": 40, "rejected_captions": 4,
+                                "input_images": 20, "accepted_images": 20, "rejected_images": 0}

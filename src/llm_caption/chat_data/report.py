@@ -83,7 +83,8 @@ def check_rejected_share(summary: Mapping[str, Any], max_share: float) -> None:
         reasons = ", ".join(f"{k}: {v}" for k, v in summary["rejected_by_reason"].items())
         raise RejectedShareError(
             f"{summary['rejected']} of {summary['input']} chat records ({share:.1%}) were rejected, more than "
-            f"chat_data.max_rejected_share = {max_share:.1%} ({reasons}); see data/02_intermediate/rejected_chat.jsonl")
+            f"chat_data.max_rejected_share = {max_share:.1%} ({reasons}); every rejected record is in the "
+            "chat_rejected dataset (02_intermediate/rejected_chat.jsonl under the environment's chat_data_root)")
 
 
 def metrics_from_report(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:

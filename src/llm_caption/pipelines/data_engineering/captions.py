@@ -23,7 +23,8 @@ from llm_caption.captioning.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 REJECTED_COLUMNS = ["kind", "source", "line", "image", "reason", "record"]
-REJECTED_PATH = "data/02_intermediate/rejected_captions.jsonl"
+REJECTED_PATH = ("the caption_rejected dataset (02_intermediate/rejected_captions.jsonl under the "
+                 "environment's data_root)")
 
 
 def prepare_caption_source(params: dict[str, Any], seed: int) -> dict[str, Any]:
