@@ -5,14 +5,18 @@
 
 The tracking URI defaults to ``$MLFLOW_TRACKING_URI`` or the project's store ``sqlite:///mlruns/mlflow.db``.
 Prints one line per image: the file name, a tab and the caption (or the error for that image).
+The files are read here and their bytes sent to the model, as a client of the served model
+would send them (the model itself never opens a path).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import sys
+from pathlib import Path
 
 DEFAULT_MODEL_URI = "models:/image-captioner@champion"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -28,20 +32,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_image_file(path: str) -> tuple[str | None, str]:
+    """``(base64 bytes, "")`` of a local file, or ``(None, error)`` when it cannot be read."""
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode("ascii"), ""
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror or exc}"
+
+
+def rows_per_request(model) -> int:
+    """How many images the loaded model takes per call (its serving limit; 1 when it does not say)."""
+    try:
+        return int(model.unwrap_python_model().limits.max_rows)
+    except AttributeError:
+        return 1
+
+
+def caption_files(model, paths: list[str]) -> list[tuple[str, str]]:
+    """``(caption, error)`` per file, in order; files are read a request at a time, and those that cannot be
+    read are never sent to the model."""
+    import pandas as pd
+
+    results: list[tuple[str, str]] = []
+    step = rows_per_request(model)
+    for lo in range(0, len(paths), step):
+        chunk = [read_image_file(p) for p in paths[lo: lo + step]]
+        answers = [("", error) for _, error in chunk]
+        sent = [i for i, (data, _) in enumerate(chunk) if data is not None]
+        if sent:
+            out = model.predict(pd.DataFrame({"image": [chunk[i][0] for i in sent]}))
+            for i, caption, error in zip(sent, out["caption"], out["error"]):
+                answers[i] = (caption, error.split(": ", 1)[1] if error.startswith("row ") else error)
+        results += answers
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load the model, caption the images, print the captions; exit status 1 if any image failed."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import mlflow
-    import pandas as pd
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_registry_uri(args.tracking_uri)
     model = mlflow.pyfunc.load_model(args.model_uri)
-    paths = [os.path.abspath(p) for p in args.images]
-    out = model.predict(pd.DataFrame({"image": paths}))
     failed = False
-    for path, caption, error in zip(args.images, out["caption"], out["error"]):
+    for path, (caption, error) in zip(args.images, caption_files(model, list(args.images))):
         if error:
             failed = True
             print(f"{path}\tERROR: {error}")

@@ -1,29 +1,38 @@
-"""The captioner as an MLflow pyfunc model: image in, caption out, nothing loaded from the network.
+"""The captioner as an MLflow pyfunc model: image bytes in, caption out, nothing read from the server's disk.
 
-Input: a DataFrame with a string column ``image`` holding an image file path or base64-encoded
-image bytes. Output: a DataFrame with ``caption`` and ``error`` (empty when the row worked; an
-unreadable image gives an error message for that row and an empty caption, never a crash).
-The model carries as artifacts its decoder weights, the encoder weights file, the vocabulary
-and a config (architecture, encoder, transform, decoding settings).
+Input: a DataFrame with a string column ``image`` holding base64-encoded image bytes (file paths
+are not accepted: the local command ``python -m llm_caption.caption`` reads files itself and sends
+their bytes). Output: a DataFrame with ``caption`` and ``error`` (empty when the row worked; a bad
+row gives a one-line error for that row and an empty caption, never a crash).
+
+Requests are untrusted. The ``serving`` block of the model config caps them (defaults in
+:class:`ServingLimits`): bytes and pixels per image (checked from the image header before any
+pixel is decoded, so a decompression bomb costs nothing), accepted image formats, rows per
+request (more: the request is refused with one line), and images encoded per batch. The model
+carries as artifacts its decoder weights, the encoder weights file, the vocabulary and a config
+(architecture, encoder, transform, decoding and serving settings).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
@@ -35,28 +44,112 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
                            outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]))
 
 
-def read_image_value(value: Any) -> Image.Image:
-    """An RGB image from a file path, base64 text or raw bytes; ``ValueError`` says what was wrong."""
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one request may ask of the served captioner (the ``serving`` block of the model config)."""
+
+    max_image_pixels: int = 40_000_000      # width x height from the header; over it: the row's error, no decode
+    max_image_bytes: int = 20 * 2**20       # encoded size of one image
+    max_rows: int = 64                      # rows per request; more: the whole request is refused
+    batch_size: int = 16                    # images decoded and encoded together
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_pixels", "max_image_bytes", "max_rows", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"serving.{name} must be a positive integer, got {value!r}")
+        if not self.image_formats:
+            raise ValueError("serving.image_formats must name at least one format")
+
+    @classmethod
+    def from_config(cls, serving: Mapping[str, Any] | None) -> "ServingLimits":
+        """Limits from a ``serving`` mapping (missing keys: the defaults); unknown keys are an error."""
+        values = dict(serving or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"serving: unknown keys {unknown}; known: {sorted(known)}")
+        if "image_formats" in values:
+            values["image_formats"] = tuple(str(f).upper() for f in values["image_formats"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "image_formats": list(self.image_formats)}
+
+
+def decode_request_value(value: Any, limits: ServingLimits) -> bytes:
+    """The image bytes of one request value (base64 text or raw bytes); ``ValueError`` says what was wrong.
+
+    Text is only ever decoded as base64, never opened as a path, so the answer is the same whether or
+    not a file of that name exists on the server.
+    """
     if isinstance(value, (bytes, bytearray)):
         raw = bytes(value)
     elif isinstance(value, str):
-        if len(value) < 4096 and os.path.isfile(value):
-            try:
-                with Image.open(value) as img:
-                    return img.convert("RGB")
-            except Exception as exc:
-                raise ValueError(f"file '{value}' is not a readable image: {exc}") from exc
+        if not value.strip():
+            raise ValueError("empty value: expected base64-encoded image bytes")
+        if len(value) > (limits.max_image_bytes * 4) // 3 + 4:
+            raise ValueError(f"{len(value):,} characters of base64: over the {limits.max_image_bytes:,}-byte limit "
+                             "per image")
         try:
             raw = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"neither an existing image file nor base64 image bytes: {value[:60]!r}") from exc
+        except (binascii.Error, ValueError):
+            raise ValueError(f"not base64-encoded image bytes ({len(value)} characters); the served model takes "
+                             "image bytes only, not file paths") from None
     else:
-        raise ValueError(f"expected a path or base64 string, got {type(value).__name__}")
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
+        raise ValueError(f"expected base64-encoded image bytes (a string), got {type(value).__name__}")
+    if len(raw) > limits.max_image_bytes:
+        raise ValueError(f"{len(raw):,} bytes: over the {limits.max_image_bytes:,}-byte limit per image")
+    return raw
+
+
+def open_image_bytes(raw: bytes, limits: ServingLimits) -> Image.Image:
+    """Decode image bytes to RGB after checking the header's size against ``limits``; ``ValueError`` otherwise."""
+    with warnings.catch_warnings():
+        # Our own pixel cap below decides; Pillow still refuses on its own beyond 2 x Image.MAX_IMAGE_PIXELS.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw), formats=list(limits.image_formats))
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"refused as a decompression bomb before decoding: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bytes it cannot identify
+            raise ValueError(f"the {len(raw):,} bytes are not an image in an accepted format "
+                             f"({', '.join(limits.image_formats)}): {type(exc).__name__}") from None
+    with img:
+        width, height = img.size
+        if width * height > limits.max_image_pixels:
+            raise ValueError(f"image is {width}x{height} ({width * height / 1e6:.1f} MP): over the "
+                             f"{limits.max_image_pixels / 1e6:g} MP limit per image; not decoded")
+        try:
             return img.convert("RGB")
-    except Exception as exc:
-        raise ValueError(f"the bytes ({len(raw)}) are not a readable image: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+            raise ValueError(f"{img.format} image {width}x{height} cannot be decoded: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+
+
+def request_values(model_input: Any, limits: ServingLimits) -> list[Any]:
+    """The ``image`` values of a request; ``MlflowException`` (one line, HTTP 400) when the request itself is bad."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            raise MlflowException.invalid_parameter_value(
+                f"the request needs an '{INPUT_COLUMN}' column of base64 image bytes; got columns "
+                f"{[str(c) for c in model_input.columns][:10]}")
+        values = model_input[INPUT_COLUMN].tolist()
+    elif isinstance(model_input, (list, tuple, pd.Series)):
+        values = list(model_input)
+    else:
+        raise MlflowException.invalid_parameter_value(
+            f"expected a DataFrame with an '{INPUT_COLUMN}' column, got {type(model_input).__name__}")
+    if len(values) > limits.max_rows:
+        raise MlflowException.invalid_parameter_value(
+            f"the request has {len(values):,} rows; this model takes at most {limits.max_rows} per request")
+    return values
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for lo in range(0, n, size):
+        yield range(lo, min(n, lo + size))
 
 
 class Captioner:
@@ -78,12 +171,12 @@ class Captioner:
         self.transform = build_transform(config["transform_spec"], train=False)
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image]) -> list[str]:
+    def caption_tensors(self, batch: torch.Tensor) -> list[str]:
+        """Captions of a batch of transformed images ``[B, 3, S, S]``."""
         from .decoding import decode_batched, ids_to_words
 
-        if not images:
+        if batch.shape[0] == 0:
             return []
-        batch = torch.stack([self.transform(img) for img in images])
         feats = self.encoder(batch).flatten(2).transpose(1, 2)
         dec = self.config.get("decoding", {})
         decoded = decode_batched(self.decoder, feats, beam_size=int(dec.get("beam_size", 3)),
@@ -91,43 +184,58 @@ class Captioner:
                                  length_penalty=float(dec.get("length_penalty", 0.0)))
         return [" ".join(ids_to_words(t, self.itos)) for t in decoded.tokens]
 
+    def caption(self, images: Sequence[Image.Image], batch_size: int = 16) -> list[str]:
+        """Captions of PIL images, encoded ``batch_size`` at a time."""
+        out: list[str] = []
+        for rows in _chunks(len(images), batch_size):
+            out += self.caption_tensors(torch.stack([self.transform(images[i]) for i in rows]))
+        return out
+
 
 class CaptionerModel(mlflow.pyfunc.PythonModel):
-    """MLflow wrapper around :class:`Captioner`."""
+    """MLflow wrapper around :class:`Captioner`; every request is checked against :class:`ServingLimits`."""
 
     def load_context(self, context) -> None:
         art = context.artifacts
         config = json.loads(Path(art["config"]).read_text())
         itos = json.loads(Path(art["vocab"]).read_text())["itos"]
         state = torch.load(art["decoder"], map_location="cpu", weights_only=True)
+        self.limits = ServingLimits.from_config(config.get("serving"))
         self.captioner = Captioner(config, state, itos, art["encoder_weights"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            column = INPUT_COLUMN if INPUT_COLUMN in model_input.columns else model_input.columns[0]
-            values = model_input[column].tolist()
-        else:
-            values = list(model_input)
-        images, ok_rows, captions, errors = [], [], [""] * len(values), [""] * len(values)
-        for i, value in enumerate(values):
-            try:
-                images.append(read_image_value(value))
-                ok_rows.append(i)
-            except ValueError as exc:
-                errors[i] = f"row {i}: {exc}"
-                logger.warning("caption request %s", errors[i])
-        for i, text in zip(ok_rows, self.captioner.caption(images)):
-            captions[i] = text
+        values = request_values(model_input, self.limits)
+        captions, errors = [""] * len(values), [""] * len(values)
+        for rows in _chunks(len(values), self.limits.batch_size):
+            tensors, ok_rows = [], []
+            for i in rows:
+                try:
+                    image = open_image_bytes(decode_request_value(values[i], self.limits), self.limits)
+                    tensors.append(self.captioner.transform(image))
+                    ok_rows.append(i)
+                except ValueError as exc:
+                    errors[i] = f"row {i}: {exc}"
+                    logger.warning("caption request %s", errors[i])
+            if tensors:
+                for i, text in zip(ok_rows, self.captioner.caption_tensors(torch.stack(tensors))):
+                    captions[i] = text
         return pd.DataFrame({"caption": captions, "error": errors})
 
 
 def log_captioner(decoder: torch.nn.Module, config: Mapping[str, Any], vocab: Mapping[str, Any],
-                  encoder_weights: str, name: str = "image-captioner") -> str:
-    """Log the captioner as a pyfunc model in the active MLflow run; returns its model URI."""
+                  encoder_weights: str, name: str = "image-captioner",
+                  serving: Mapping[str, Any] | None = None) -> str:
+    """Log the captioner as a pyfunc model in the active MLflow run; returns its model URI.
+
+    ``serving`` (or ``config["serving"]``) sets the request limits (:class:`ServingLimits`); it is
+    validated here and stored complete in the model's config, so the served model never guesses.
+    """
+    serving_cfg = {**dict(config.get("serving") or {}), **dict(serving or {})}
+    config = {**dict(config), "serving": ServingLimits.from_config(serving_cfg).to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         torch.save(decoder.state_dict(), tmp_path / "decoder.pt")
-        (tmp_path / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
+        (tmp_path / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp_path / "vocab.json").write_text(json.dumps(dict(vocab)))
         weights_copy = tmp_path / ("encoder_weights" + Path(encoder_weights).suffix)
         shutil.copy2(encoder_weights, weights_copy)
