@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import mlflow
 import pytest
 
 from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
+from test_untrusted_requests import bomb_png
 from llm_caption.captioning.pyfunc import log_captioner
 from llm_caption.registry import register_and_promote
 from servers import free_port, stop_group, wait_for_http
@@ -25,6 +27,19 @@ def _post(url: str, payload: dict) -> dict:
         return json.loads(resp.read())
 
 
+def _post_refused(url: str, payload: dict) -> tuple[int, dict]:
+    """Status and JSON body of a request the server refuses."""
+    try:
+        _post(url, payload)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    raise AssertionError("the request was accepted")
+
+
+def _rows(*values) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+
+
 def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -32,7 +47,8 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
     try:
         cap = tiny_captioner(tmp_path / "data")
         with mlflow.start_run():
-            model_uri = log_captioner(cap["decoder"], cap["config"], cap["vocab"], cap["encoder_weights"])
+            model_uri = log_captioner(cap["decoder"], cap["config"], cap["vocab"], cap["encoder_weights"],
+                                      serving={"max_rows": 3})
         decision = register_and_promote(model_uri, "image-captioner", "val_bleu4", 0.5, True, "split-a")
         assert decision.promoted
     finally:
@@ -58,6 +74,24 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
         # the server survived the bad row
         again = _post(url, {"dataframe_split": {"columns": ["image"], "data": [[image]]}})
         assert again["predictions"][0]["caption"] == rows[0]["caption"]
+
+        # a path on the server is never opened, and the answer does not tell whether it exists
+        existing = cap["image_paths"][0]
+        missing = existing[:-5] + "X.jpg"
+        paths = _post(url, _rows(existing, missing))["predictions"]
+        assert paths[0]["caption"] == paths[1]["caption"] == ""
+        assert paths[0]["error"].removeprefix("row 0: ") == paths[1]["error"].removeprefix("row 1: ")
+        # a decompression bomb is that row's error; the good row is still captioned
+        bomb = _post(url, _rows(base64.b64encode(bomb_png()).decode(), image))["predictions"]
+        assert bomb[0]["caption"] == "" and "12000x12000 (144.0 MP): over the 40 MP limit" in bomb[0]["error"]
+        assert bomb[1]["caption"] == rows[0]["caption"]
+        # too many rows, or no image column: refused with a one-line reason, no traceback
+        status, body = _post_refused(url, _rows(image, image, image, image))
+        assert status == 400 and "the request has 4 rows; this model takes at most 3 per request" in body["message"]
+        assert "Traceback" not in json.dumps(body) and "stack_trace" not in body
+        status, body = _post_refused(url, {"dataframe_split": {"columns": ["path"], "data": [[existing]]}})
+        assert status == 400 and "Traceback" not in json.dumps(body) and "stack_trace" not in body
+        assert _post(url, _rows(image))["predictions"][0]["caption"] == rows[0]["caption"]
     finally:
         stop_group(proc)
         log.close()
