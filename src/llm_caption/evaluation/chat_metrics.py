@@ -63,6 +63,17 @@ def chrf(answers: Sequence[str], references: Sequence[str]) -> float:
     return float(CHRF().corpus_score([str(a) for a in answers], [[str(r) for r in references]]).score)
 
 
+def chrf_pp(answers: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF++ (sacrebleu ``CHRF(word_order=2)``: character 6-grams plus word uni-/bi-grams, beta 2), 0..100.
+
+    Characters, not tokens: it compares models with different tokenizers on the same footing.
+    """
+    from sacrebleu.metrics import CHRF
+
+    _check_pairs(answers, references)
+    return float(CHRF(word_order=2).corpus_score([str(a) for a in answers], [[str(r) for r in references]]).score)
+
+
 def distinct_n(answers: Sequence[str], n: int) -> float:
     """Distinct n-grams divided by all n-grams over all answers (0.0 when there is none)."""
     total, seen = 0, set()

@@ -3,13 +3,26 @@
 :func:`run_methods` is the whole study: the base model is loaded once and deep-copied per
 method; each method trains, is evaluated, answers the fixed prompts and a few test questions,
 is saved, and gets its own MLflow run (nested under the active pipeline run, if any).
+
+Two measures compare across models with different tokenizers: bits per character of the
+assistant text (:mod:`.scoring`) and chrF++ of the answers to the test questions against their
+reference answers. A method that cannot work on a model (an error while building, training or
+generating) gets a row whose ``status`` says why, in one line, and the study goes on.
+
+A finished method leaves ``<output_dir>/<method>/llm_caption_result.json`` with its row, loss
+history and answers, keyed by a fingerprint of everything that determines them (model, data,
+settings, seed); a rerun with the same fingerprint reuses it instead of training again, so a study
+that failed late does not redo the methods it had finished (``reuse_finished: false`` retrains).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,21 +32,26 @@ import mlflow
 import pandas as pd
 import torch
 
+from ..evaluation.chat_metrics import chrf_pp
 from ..tracking import child_run
 from .adapters import save_finetuned
 from .chat_format import as_messages, first_user_turn, tokenize_conversations
 from .generation import generate_answers
 from .methods import MethodContext, build_method, count_parameters
 from .models import load_model, load_tokenizer, train_chat_template
+from .scoring import score_characters
 from .text_metrics import persian_share
 from .training import TrainResult, train_method
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["method", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_time_s",
-                  "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "persian_share",
-                  "english_prompt_persian_share", "mlflow_run_id",
-                  "adapter_dir"]
+RESULT_COLUMNS = ["method", "status", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb",
+                  "train_time_s", "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char",
+                  "chrf_pp", "persian_share", "english_prompt_persian_share", "mlflow_run_id", "adapter_dir"]
+METRIC_COLUMNS = ("trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_time_s",
+                  "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char", "chrf_pp",
+                  "persian_share", "english_prompt_persian_share")
+RESULT_FILE = "llm_caption_result.json"
 LOSS_COLUMNS = ["method", "step", "split", "loss"]
 GENERATION_COLUMNS = ["method", "stage", "prompt_kind", "prompt", "reference", "answer"]
 
@@ -103,19 +121,83 @@ def fixed_prompt_share(prompts: list[dict[str, Any]], answers: list[str], persia
 
 
 def _log_method_run(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], row: dict[str, Any],
-                    result: TrainResult, generations: pd.DataFrame, adapter_dir: Path | None) -> str:
+                    result: TrainResult, generations: pd.DataFrame, adapter_dir: Path | None,
+                    model_name: str = "") -> str:
     tags = {"llm_caption.pipeline": "llm_finetuning", "llm_caption.method": method}
-    with child_run(method, tags=tags, params={"method": method_cfg, "training": training}) as run:
-        mlflow.log_metrics({k: float(row[k]) for k in ("trainable_params", "total_params", "trainable_pct",
-                                                       "peak_memory_mb", "train_time_s", "step_time_s",
-                                                       "tokens_per_s", "eval_loss", "perplexity",
-                                                       "persian_share", "english_prompt_persian_share")})
+    if model_name:
+        tags["llm_caption.model"] = model_name
+    run_name = f"{model_name}/{method}" if model_name else method
+    with child_run(run_name, tags=tags, params={"method": method_cfg, "training": training}) as run:
+        mlflow.log_metrics({k: float(row[k]) for k in METRIC_COLUMNS})
         for entry in result.loss_history:
             mlflow.log_metric(f"{entry['split']}_loss", entry["loss"], step=entry["step"])
         mlflow.log_table(data=generations, artifact_file="generations.json")
         if adapter_dir is not None:
             mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         return run.info.run_id
+
+
+def test_answer_chrf(prompts: list[dict[str, Any]], answers: list[str]) -> float:
+    """chrF++ of the answers to the test questions against their reference answers (NaN without test questions)."""
+    pairs = [(a, p["reference"]) for p, a in zip(prompts, answers, strict=True) if p["prompt_kind"] == "test"]
+    return chrf_pp([a for a, _ in pairs], [r for _, r in pairs]) if pairs else float("nan")
+
+
+def study_fingerprint(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], seed: int, train_ids: list[str],
+                      eval_ids: list[str], prompts: list[dict[str, Any]]) -> str:
+    """Hash of what every method's result depends on besides its own settings (model, data, prompts, seed)."""
+    shared = {"model": dict(model_spec), "seed": seed, "max_seq_len": cfg.get("max_seq_len"),
+              "train": train_ids, "eval": eval_ids, "generation": dict(cfg.get("generation") or {}),
+              "prompts": [[p["prompt"], p["reference"]] for p in prompts]}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def method_fingerprint(study: str, method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any]) -> str:
+    """Hash of the study fingerprint and one method's own configuration."""
+    payload = {"study": study, "method": method, "config": dict(method_cfg), "training": dict(training)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_finished(method_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The finished result saved in ``method_dir`` when its fingerprint matches (and its adapter is there)."""
+    path = method_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("Ignoring unreadable finished result %s: %s", path, error)
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        return None
+    adapter_dir = (saved.get("row") or {}).get("adapter_dir")
+    if adapter_dir and not Path(adapter_dir).is_dir():
+        return None
+    return saved
+
+
+def write_finished(method_dir: Path, fingerprint: str, row: dict[str, Any], losses: list[dict[str, Any]],
+                   generations: list[dict[str, Any]]) -> None:
+    """Save a finished method's row, loss history and answers (a temporary file renamed into place)."""
+    method_dir.mkdir(parents=True, exist_ok=True)
+    path = method_dir / RESULT_FILE
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    payload = {"fingerprint": fingerprint, "row": row, "losses": losses, "generations": generations}
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, default=float), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def failed_row(method: str, error: BaseException) -> dict[str, Any]:
+    """The table row of a method that could not run on this model."""
+    row = {column: float("nan") for column in METRIC_COLUMNS}
+    row.update(method=method, status=f"failed: {one_line(error)}", mlflow_run_id="", adapter_dir="")
+    return row
 
 
 def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[str, Any],
@@ -136,51 +218,128 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     prompts = generation_prompts(chat_test, cfg, seed)
     logger.info("llm_finetuning: %d methods, %d train / %d eval conversations, %d prompts, max_seq_len=%s",
                 len(methods), len(train_ds), len(eval_ds), len(prompts), max_len)
-
-    # The base model stays unquantised; a method that wants quantised weights (qlora) asks for them.
-    base_model = load_model(model_spec, quantization={})
-    if torch.cuda.is_available():
-        base_model = base_model.to("cuda")
-    conversations = [p["conversation"] for p in prompts]
-    before = generate_answers(base_model, tokenizer, conversations, cfg.get("generation") or {})
-    before_rows = _generation_rows("base", "before", prompts, before)
+    study = study_fingerprint(cfg, model_spec, seed, train_rows["conversation_id"].astype(str).tolist(),
+                              eval_rows["conversation_id"].astype(str).tolist(), prompts)
     out_root = Path(cfg["output_dir"])
     ckpt_root = Path(cfg["checkpoint_dir"])
+    reuse = bool(cfg.get("reuse_finished", True))
 
-    results, losses, generations = [], [], list(before_rows)
+    plans = []
     for method in methods:
         method_cfg, training = method_settings(cfg, method)
-        trains = method_cfg.get("builder") != "none"
-        model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
-        trainable, total = count_parameters(model)
-        result = train_method(model, tokenizer, train_ds, eval_ds, training, ckpt_root / method, seed, train=trains)
-        answers = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {}) if trains else before
-        rows = _generation_rows(method, "after", prompts, answers)
-        adapter_dir = save_finetuned(model, out_root / method, method, method_cfg, model_spec) if trains else None
-        row = {"method": method, "trainable_params": trainable, "total_params": total,
-               "trainable_pct": 100.0 * trainable / total, "peak_memory_mb": result.peak_memory_mb,
-               "train_time_s": result.train_time_s, "step_time_s": result.step_time_s,
-               "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval_loss,
-               "perplexity": result.perplexity, "persian_share": fixed_prompt_share(prompts, answers),
-               "english_prompt_persian_share": fixed_prompt_share(prompts, answers, persian_prompts=False),
-               "adapter_dir": str(adapter_dir) if adapter_dir else ""}
-        table = pd.DataFrame(before_rows + rows)[GENERATION_COLUMNS]
-        row["mlflow_run_id"] = _log_method_run(method, method_cfg, training, row, result, table, adapter_dir)
-        logger.info("[%s] trainable %s (%.3f%%) | %d steps, %.2f s/step, %.0f tok/s | peak %.0f MB | "
-                    "eval loss %.4f (ppl %.1f) | Persian share %.2f%s", method, f"{trainable:,}",
-                    row["trainable_pct"], result.steps, result.step_time_s, result.tokens_per_s,
-                    result.peak_memory_mb, result.eval_loss, result.perplexity, row["persian_share"],
-                    f" | resumed from {result.resumed_from}" if result.resumed_from else "")
-        results.append(row)
-        losses.extend({"method": method, **entry} for entry in result.loss_history)
-        generations.extend(rows)
-        if not cfg.get("keep_checkpoints", False):
-            shutil.rmtree(ckpt_root / method, ignore_errors=True)
-        del model
-        gc.collect()
+        fingerprint = method_fingerprint(study, method, method_cfg, training)
+        plans.append((method, method_cfg, training, fingerprint,
+                      read_finished(out_root / method, fingerprint) if reuse else None))
+
+    conversations = [p["conversation"] for p in prompts]
+    base_model = before = None
+    if any(finished is None for *_, finished in plans):
+        # The base model stays unquantised; a method that wants quantised weights (qlora) asks for them.
+        base_model = load_model(model_spec, quantization={})
+        if torch.cuda.is_available():
+            base_model = base_model.to("cuda")
+        before = generate_answers(base_model, tokenizer, conversations, cfg.get("generation") or {})
+    results, losses, generations = [], [], []
+    for method, method_cfg, training, fingerprint, finished in plans:
+        if finished is None:
+            try:
+                finished = _run_method(method, method_cfg, training, base_model, tokenizer, train_ds, eval_ds,
+                                       prompts, before, cfg, model_spec, seed, out_root, ckpt_root)
+            except Exception as error:  # noqa: BLE001 - one method that cannot run must not end the study
+                logger.error("[%s] cannot run on this model: %s", method, one_line(error))
+                logger.debug("[%s] traceback", method, exc_info=True)
+                finished = {"row": failed_row(method, error), "losses": [], "generations": []}
+            else:
+                write_finished(out_root / method, fingerprint, **finished)
+            finally:
+                gc.collect()
+        else:
+            logger.info("[%s] finished result for this configuration found in %s: not retrained", method,
+                        out_root / method / RESULT_FILE)
+        if not generations and finished["generations"]:
+            generations.extend(g for g in finished["generations"] if g["stage"] == "before")
+        results.append(finished["row"])
+        losses.extend(finished["losses"])
+        generations.extend(g for g in finished["generations"] if g["stage"] == "after")
 
     return {
         "llm_method_results": pd.DataFrame(results, columns=RESULT_COLUMNS),
         "llm_loss_history": pd.DataFrame(losses, columns=LOSS_COLUMNS),
         "llm_generations": pd.DataFrame(generations, columns=GENERATION_COLUMNS),
     }
+
+
+def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], base_model, tokenizer,
+                train_ds, eval_ds, prompts: list[dict[str, Any]], before: list[str], cfg: Mapping[str, Any],
+                model_spec: Mapping[str, Any], seed: int, out_root: Path, ckpt_root: Path) -> dict[str, Any]:
+    """Build, train, measure, save and track one method; its row, loss history and answers (before and after)."""
+    trains = method_cfg.get("builder") != "none"
+    model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
+    trainable, total = count_parameters(model)
+    result = train_method(model, tokenizer, train_ds, eval_ds, training, ckpt_root / method, seed, train=trains)
+    chars = score_characters(model, tokenizer, eval_ds)
+    conversations = [p["conversation"] for p in prompts]
+    answers = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {}) if trains else before
+    before_rows = _generation_rows("base", "before", prompts, before)
+    rows = _generation_rows(method, "after", prompts, answers)
+    adapter_dir = save_finetuned(model, out_root / method, method, method_cfg, model_spec) if trains else None
+    row = {"method": method, "status": "ok", "trainable_params": trainable, "total_params": total,
+           "trainable_pct": 100.0 * trainable / total, "peak_memory_mb": result.peak_memory_mb,
+           "train_time_s": result.train_time_s, "step_time_s": result.step_time_s,
+           "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval_loss,
+           "perplexity": result.perplexity, "bits_per_char": chars.bits_per_character,
+           "chrf_pp": test_answer_chrf(prompts, answers), "persian_share": fixed_prompt_share(prompts, answers),
+           "english_prompt_persian_share": fixed_prompt_share(prompts, answers, persian_prompts=False),
+           "adapter_dir": str(adapter_dir) if adapter_dir else ""}
+    table = pd.DataFrame(before_rows + rows)[GENERATION_COLUMNS]
+    row["mlflow_run_id"] = _log_method_run(method, method_cfg, training, row, result, table, adapter_dir,
+                                           cfg.get("model_label", ""))
+    logger.info("[%s] trainable %s (%.3f%%) | %d steps, %.2f s/step, %.0f tok/s | peak %.0f MB | "
+                "eval loss %.4f (ppl %.1f) | %.3f bits/char | chrF++ %.1f | Persian share %.2f%s", method,
+                f"{trainable:,}", row["trainable_pct"], result.steps, result.step_time_s, result.tokens_per_s,
+                result.peak_memory_mb, result.eval_loss, result.perplexity, row["bits_per_char"], row["chrf_pp"],
+                row["persian_share"], f" | resumed from {result.resumed_from}" if result.resumed_from else "")
+    if not cfg.get("keep_checkpoints", False):
+        shutil.rmtree(ckpt_root / method, ignore_errors=True)
+    losses = [{"method": method, **entry} for entry in result.loss_history]
+    del model
+    return {"row": row, "losses": losses, "generations": before_rows + rows}
+
+
+COMPARISON_COLUMNS = ["model", "model_kind", "method", "status", "trainable_params", "train_time_s", "eval_loss",
+                      "bits_per_char", "chrf_pp", "persian_share", "english_prompt_persian_share"]
+
+
+def compare_models(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[str, Any],
+                   model_specs: Mapping[str, Mapping[str, Any]], main_model: str, main_results: pd.DataFrame,
+                   seed: int) -> pd.DataFrame:
+    """Base vs instruction models on one test split: each model of ``model_comparison.models`` untuned
+    (``base``) and after the ``model_comparison.methods`` (default ``[base, lora]``), same settings and data.
+
+    The study's own model reuses its rows of ``main_results``; every other model runs those methods with
+    the study's settings, its outputs under ``<output_dir>/<model>/``. Empty when no models are listed.
+    """
+    comparison = cfg.get("model_comparison") or {}
+    names = list(comparison.get("models") or [])
+    methods = list(comparison.get("methods") or ["base", "lora"])
+    unknown = [n for n in names if n not in model_specs]
+    if unknown:
+        raise ValueError(f"model_comparison.models names unknown model(s) {unknown}; known: {sorted(model_specs)}")
+    rows = []
+    for name in names:
+        if name == main_model:
+            results = main_results
+        else:
+            sub_cfg = {**cfg, "methods_to_run": methods, "model_label": name,
+                       "output_dir": str(Path(cfg["output_dir"]) / name),
+                       "checkpoint_dir": str(Path(cfg["checkpoint_dir"]) / name)}
+            results = run_methods(chat_train, chat_test, sub_cfg, model_specs[name], seed)["llm_method_results"]
+        for method in methods:
+            match = results[results["method"] == method]
+            if match.empty:
+                raise ValueError(f"model_comparison: method {method!r} has no result for model {name!r} "
+                                 f"(is it in methods_to_run?)")
+            record = match.iloc[0].to_dict()
+            rows.append({"model": name, "model_kind": model_specs[name].get("kind", ""),
+                         **{c: record.get(c) for c in COMPARISON_COLUMNS if c not in ("model", "model_kind")}})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)

