@@ -21,6 +21,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 logger = logging.getLogger("llm_caption.chat")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm_caption.chat", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -29,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("message", help="the user's message")
     parser.add_argument("--adapters-dir", default="data/06_models/llm", help="where llm_finetuning saved methods")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
 
@@ -59,6 +67,8 @@ def check_model_uri(uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.message.strip():
+        raise SystemExit("error: the message is empty")
     logging.basicConfig(level=logging.WARNING)
     import torch
 
@@ -71,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
         mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns/mlflow.db")
         check_model_uri(args.model_uri)
+        from mlflow.exceptions import MlflowException
+
         model = mlflow.pyfunc.load_model(args.model_uri)
-        reply = model.predict([messages], params=generation)[0]
+        try:
+            reply = model.predict([messages], params=generation)[0]
+        except MlflowException as error:  # a request the model refuses: its one-line reason
+            raise SystemExit(f"error: {error.message}") from None
     else:
         from .llm.adapters import load_finetuned
         from .llm.generation import generate_answers
