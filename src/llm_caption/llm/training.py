@@ -10,8 +10,10 @@ ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -145,20 +147,90 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file is unusable (bad header, or data shorter/longer than the header says), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                return f"{path} is truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100 * 2**20):
+                return f"{path} is truncated or corrupt (header of {header_len} bytes in a {size}-byte file)"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError) as exc:
+        return f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        return f"{path} is truncated or corrupt ({size} bytes, its header describes {expected})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a ``torch.save`` file is unusable (unreadable, or holding anything beyond tensors, plain data and the
+    numpy arrays of RNG states: the allow-list the Trainer itself loads them with)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - truncated archive, pickle payload, I/O error
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"{path} cannot be loaded safely ({type(exc).__name__}: {reason})"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a ``checkpoint-<step>`` directory cannot be resumed from (naming the file), or None when it can.
+
+    Checked without unpickling anything: ``trainer_state.json`` (written last) parses and names the step; every
+    ``.safetensors`` file is as long as its header says; ``optimizer.pt``, ``scheduler.pt`` and the RNG states
+    load with ``weights_only=True``.
+    """
+    folder = Path(path)
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return f"{state_file} is missing (the checkpoint was not finished)"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{state_file} is not a complete trainer state ({type(exc).__name__}: {str(exc)[:200]})"
+    if folder.name.split("-")[-1] != str(step):
+        return f"{state_file} says step {step}, the folder is {folder.name}"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not [p for p in folder.glob("*.bin") if p.name != "training_args.bin"]:
+        return f"{folder} has no weights file"
+    for file in weights:
+        if problem := safetensors_problem(file):
+            return problem
+    for file in sorted([*folder.glob("*.pt"), *folder.glob("rng_state*.pth")]):
+        if problem := _torch_file_problem(file):
+            return problem
+    return None
+
+
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest *complete* ``checkpoint-<step>`` directory in ``output_dir``, if any.
+    """The newest *usable* ``checkpoint-<step>`` directory in ``output_dir``, if any.
 
     A process killed while writing a checkpoint leaves a directory without ``trainer_state.json``
-    (written last); it is skipped, so the run resumes from the checkpoint before it.
+    (written last); a damaged file (a truncated ``adapter_model.safetensors``, a cut ``trainer_state.json``,
+    an optimizer state that does not load) makes a checkpoint unusable too. Each is skipped with a warning
+    naming the file, so the run resumes from the checkpoint before it, or starts fresh.
     """
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
     candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if (path / "trainer_state.json").is_file():
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        logger.warning("Ignoring incomplete checkpoint %s (no trainer_state.json)", path)
+        logger.warning("Ignoring checkpoint %s: %s", path, problem)
+    if candidates:
+        logger.warning("No usable checkpoint in %s: training starts fresh", folder)
     return None
 
 
