@@ -85,12 +85,21 @@ def test_padding_changes_no_logits_of_real_tokens(arch):
 
 
 def test_padding_mask_is_applied_in_the_transformer():
-    """A padded key must be invisible: same logits whatever token id sits under the padding."""
+    """A padded key must be invisible: padding placed *before* the real tokens (where the causal mask alone would
+    let them be seen) changes none of their logits, whatever vector sits under the padding."""
     model = _transformer()
     feats = torch.randn(1, 4, 16)
+    real = torch.tensor([[1, 5, 7]])
+    left_padded = torch.tensor([[0, 0, 1, 5, 7]])
     with torch.no_grad():
-        x, _ = model(feats, torch.tensor([[1, 5, 0, 0]]))
-    assert torch.isfinite(x).all()
+        model.pos.weight.zero_()  # no position signal: the real tokens see the same thing at offsets 0 and 2
+        a, _ = model(feats, real)
+        b, _ = model(feats, left_padded)
+        model.embed.weight[0] = torch.randn(model.d_model) * 3  # another vector under the padding
+        c, _ = model(feats, left_padded)
+    torch.testing.assert_close(b[:, 2:], a, rtol=1e-5, atol=1e-6)
+    assert torch.equal(c[:, 2:], b[:, 2:])
+    assert torch.isfinite(a).all() and torch.isfinite(b[:, 2:]).all()
 
 
 def test_attention_weights_are_a_distribution_per_word():
