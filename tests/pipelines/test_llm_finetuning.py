@@ -12,19 +12,29 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm"))
-from chat_fixtures import write_chat_splits  # noqa: E402
-from conftest import run_pipeline  # noqa: E402
+from chat_fixtures import chat_frames  # noqa: E402
+from conftest import data_root, run_pipeline, store_uri  # noqa: E402
 
 METHODS = ["base", "lora", "layer_freeze"]
 
 
 @pytest.mark.slow
+def write_smoke_chat_splits(root: Path, n_train: int, n_test: int) -> None:
+    """Write chat_train / chat_test where the smoke catalog reads them (under ``root``)."""
+    train, test = chat_frames(n_train, n_test)
+    (root / "05_model_input").mkdir(parents=True, exist_ok=True)
+    train.to_parquet(root / "05_model_input/chat_train.parquet")
+    test.to_parquet(root / "05_model_input/chat_test.parquet")
+
+
 def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
-    write_chat_splits(kedro_project, n_train=16, n_test=6)
+    smoke = data_root(kedro_project, "smoke")
+    write_smoke_chat_splits(smoke, n_train=16, n_test=6)
     run_pipeline(kedro_project, "llm_finetuning", env="smoke",
                  params={"llm_finetuning": {"methods_to_run": METHODS}})
+    assert not (kedro_project / "mlruns/mlflow.db").exists()  # the smoke store only
 
-    results = pd.read_csv(kedro_project / "data/07_model_output/llm_method_results.csv")
+    results = pd.read_csv(smoke / "07_model_output/llm_method_results.csv")
     assert list(results["method"]) == METHODS
     assert results["eval_loss"].gt(0).all() and results["perplexity"].gt(1).all()
     by_method = results.set_index("method")
@@ -33,13 +43,13 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
     assert by_method.loc["layer_freeze", "trainable_params"] > by_method.loc["lora", "trainable_params"]
     assert (by_method.drop(index="base")["tokens_per_s"] > 0).all()
 
-    losses = pd.read_csv(kedro_project / "data/07_model_output/llm_loss_history.csv")
+    losses = pd.read_csv(smoke / "07_model_output/llm_loss_history.csv")
     for method in METHODS[1:]:
         steps = losses[(losses["method"] == method) & (losses["split"] == "train")]["step"].tolist()
         assert steps == [1, 2]
         assert ((losses["method"] == method) & (losses["split"] == "eval")).sum() >= 1
 
-    gens = pd.read_csv(kedro_project / "data/07_model_output/llm_generations.csv", keep_default_na=False)
+    gens = pd.read_csv(smoke / "07_model_output/llm_generations.csv", keep_default_na=False)
     assert set(gens[gens["stage"] == "before"]["method"]) == {"base"}
     after = gens[gens["stage"] == "after"]
     assert sorted(after["method"].unique()) == sorted(METHODS)
@@ -47,11 +57,11 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
     assert (after[after["prompt_kind"] == "test"]["reference"] != "").all()
 
     for method in METHODS[1:]:
-        assert (kedro_project / "data/06_models/llm" / method / "llm_caption_method.json").is_file()
-    assert (kedro_project / "data/06_models/llm/lora/adapter_model.safetensors").is_file()
-    assert (kedro_project / "data/06_models/llm/layer_freeze/trained_layers.safetensors").is_file()
+        assert (smoke / "06_models/llm" / method / "llm_caption_method.json").is_file()
+    assert (smoke / "06_models/llm/lora/adapter_model.safetensors").is_file()
+    assert (smoke / "06_models/llm/layer_freeze/trained_layers.safetensors").is_file()
 
-    mlflow.set_tracking_uri(f"sqlite:///{kedro_project / 'mlruns/mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(kedro_project, "smoke"))
     client = MlflowClient()
     for method, run_id in zip(results["method"], results["mlflow_run_id"], strict=True):
         run = client.get_run(run_id)
@@ -65,7 +75,7 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
         if method != "base":
             assert len(client.get_metric_history(run_id, "train_loss")) == 2
 
-    decision = json.loads((kedro_project / "data/07_model_output/llm_registry_decision.json").read_text())
+    decision = json.loads((smoke / "07_model_output/llm_registry_decision.json").read_text())
     best = results[results["method"] != "base"].sort_values("eval_loss").iloc[0]
     assert decision["method"] == best["method"] and decision["promoted"] is True
     champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")

@@ -1,0 +1,127 @@
+"""Which MLflow store: `kedro run` and the command-line tools agree, $MLFLOW_TRACKING_URI wins over
+mlflow.yml for both, and a store that does not answer fails a real `kedro run` in seconds with one
+line naming it, before any node runs."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import data_root, run_pipeline
+from llm_caption.tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+
+CLOSED = "http://127.0.0.1:9"  # discard port: nothing listens there
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "KEDRO_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_tracking_uri_is_the_environment_store_unless_the_variable_names_another(kedro_project, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None, kedro_project) == "sqlite:///mlruns/mlflow.db"
+    assert tracking_uri("flickr8k", kedro_project) == "sqlite:///mlruns/mlflow.db"
+    assert tracking_uri("smoke", kedro_project) == "sqlite:///mlruns/smoke.db"
+    assert tracking_uri(None, tmp_path / "not-a-project") == "sqlite:///mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////somewhere/else.db")
+    for env in (None, "smoke", "flickr8k"):
+        assert tracking_uri(env, kedro_project) == "sqlite:////somewhere/else.db"
+    assert tracking_uri(None, tmp_path / "not-a-project") == "sqlite:////somewhere/else.db"
+
+
+def test_kedro_run_records_into_the_store_named_by_the_variable(kedro_project, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere" / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    run_pipeline(kedro_project, "data_engineering", env="smoke", tags=["caption_data"],
+                 params={"caption_data": {"synthetic": {"n_images": 30, "image_size": 64}}})
+    assert (data_root(kedro_project, "smoke") / "03_primary/caption_images.parquet").is_file()
+    assert not (kedro_project / "mlruns/smoke.db").exists() and not (kedro_project / "mlruns/mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere}")
+    experiment = client.get_experiment_by_name("llm_caption")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and "data_engineering" in runs[0].info.run_name, [(r.info.run_name, r.data.tags) for r in runs]
+
+
+def test_the_registry_command_uses_the_same_store(kedro_project):
+    smoke = subprocess.run([sys.executable, "-m", "llm_caption.registry", "--env", "smoke", "list"],
+                           cwd=kedro_project, capture_output=True, text=True, timeout=120, env=_env())
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    assert smoke.stdout.splitlines()[0] == "Store: sqlite:///mlruns/smoke.db"
+    start = time.monotonic()
+    down = subprocess.run([sys.executable, "-m", "llm_caption.registry", "list"], cwd=kedro_project,
+                          capture_output=True, text=True, timeout=120, env=_env(MLFLOW_TRACKING_URI=CLOSED))
+    assert time.monotonic() - start < 30
+    assert down.returncode == 2
+    assert [line for line in down.stderr.splitlines() if line.strip()] == [
+        f"error: MLflow tracking store {CLOSED} is unreachable (Connection refused); start it, or point "
+        "MLFLOW_TRACKING_URI (or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) at a store that answers"]
+
+
+def test_kedro_run_fails_in_seconds_naming_an_unreachable_server(kedro_project):
+    """A real `kedro run` subprocess against a closed port: one line on stderr, well within 30 s, no node run."""
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "kedro", "run", "--env=smoke", "--pipelines=caption_training"],
+                         cwd=kedro_project, capture_output=True, text=True, timeout=180,
+                         env=_env(MLFLOW_TRACKING_URI=CLOSED))
+    elapsed = time.monotonic() - start
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert elapsed <= 30, elapsed
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: MLflow tracking store {CLOSED} is unreachable"), errors
+    assert "Running node" not in run.stdout and "Completed" not in run.stdout
+    assert not (kedro_project / "data/smoke").exists()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections (kernel backlog) but never answers a request."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def test_a_server_that_never_answers_fails_after_the_timeout(silent_server):
+    start = time.monotonic()
+    with pytest.raises(TrackingStoreUnreachable, match=f"{silent_server} is unreachable .*timed out"):
+        check_tracking_store(silent_server, timeout_s=1.0)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("status", [200, 401, 404])
+def test_any_http_answer_counts_as_reachable(status):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_tracking_store(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_closed_database_port_fails_and_a_sqlite_folder_is_created(tmp_path):
+    with pytest.raises(TrackingStoreUnreachable, match=r"postgresql://mlflow@127\.0\.0\.1:9/mlflow is unreachable"):
+        check_tracking_store("postgresql://mlflow@127.0.0.1:9/mlflow", timeout_s=2.0)
+    check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'folder' / 'mlflow.db'}")
+    assert (tmp_path / "new" / "folder").is_dir()
