@@ -77,3 +77,27 @@ def test_chat_fails_clearly_on_a_missing_model_or_method(tracking, tmp_path):
     assert "models:/no-such-model@champion" in missing.stderr and "does not exist" in missing.stderr
     no_method = _chat(tracking, "--method", "lora", "--adapters-dir", str(tmp_path / "nothing"), "سلام")
     assert no_method.returncode != 0 and "no saved method 'lora'" in no_method.stderr
+
+
+def test_best_method_skips_nan_losses_and_falls_back_when_all_are_nan():
+    import pandas as pd
+
+    from llm_caption.llm.registration import best_method
+
+    results = pd.DataFrame({"method": ["base", "prompt_tuning", "lora", "dora"],
+                            "adapter_dir": ["", "a/prompt_tuning", "a/lora", "a/dora"],
+                            "eval_loss": [3.0, float("nan"), 2.5, 2.7]})
+    assert best_method(results)["method"] == "lora"
+    diverged = results.assign(eval_loss=[3.0, float("nan"), float("nan"), None])
+    assert best_method(diverged)["method"] == "prompt_tuning"  # registered, but never champion
+
+
+@pytest.mark.slow
+def test_a_nan_eval_loss_is_registered_but_never_becomes_or_blocks_the_champion(tracking, saved_lora):
+    diverged = register_adapter(str(saved_lora), "lora", float("nan"), "split-a", MODEL)
+    assert not diverged["promoted"] and "not a finite number" in diverged["reason"]
+    assert MlflowClient().get_registered_model(MODEL).aliases == {}
+    assert MlflowClient().get_model_version(MODEL, diverged["version"]).tags["metric_value"] == "nan"
+
+    trained = register_adapter(str(saved_lora), "lora", 2.0, "split-a", MODEL)
+    assert trained["promoted"] and _champion_version() == trained["version"]
