@@ -9,6 +9,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from ..registry import finite_metric, register_and_promote
 from .pyfunc import log_chat_model
@@ -34,6 +36,18 @@ def best_method(results: pd.DataFrame) -> pd.Series:
     return trained.loc[finite.idxmin()]
 
 
+def _run_exists(run_id: str, method: str) -> bool:
+    """Whether run ``run_id`` is in the current store; warns when it is not (e.g. a result reused from a run
+    recorded in another store), so the model is logged in a run of its own instead."""
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        logger.warning("%s: MLflow run %s is not in the store %s; the model is logged in a new run", method,
+                       run_id, mlflow.get_tracking_uri())
+        return False
+
+
 def register_adapter(adapter_dir: str, method: str, eval_loss: float, eval_split: str, model_name: str,
                      run_id: str | None = None, generation: Mapping[str, Any] | None = None,
                      pip_requirements: list[str] | None = None) -> dict[str, Any]:
@@ -42,6 +56,7 @@ def register_adapter(adapter_dir: str, method: str, eval_loss: float, eval_split
 
     A NaN or missing ``eval_loss`` is registered as NaN and never takes the champion alias; a version
     measured on another ``eval_split`` than the champion's never takes it either (see ``registry``)."""
+    run_id = run_id if run_id and _run_exists(str(run_id), method) else None
     active = mlflow.active_run()
     with mlflow.start_run(run_id=run_id, nested=active is not None,
                           run_name=None if run_id else f"register-{method}"):
