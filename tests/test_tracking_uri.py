@@ -125,3 +125,18 @@ def test_a_closed_database_port_fails_and_a_sqlite_folder_is_created(tmp_path):
         check_tracking_store("postgresql://mlflow@127.0.0.1:9/mlflow", timeout_s=2.0)
     check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'folder' / 'mlflow.db'}")
     assert (tmp_path / "new" / "folder").is_dir()
+
+
+def test_a_later_session_in_the_same_process_is_not_sent_to_an_earlier_sessions_store(kedro_project):
+    """mlflow.set_tracking_uri (kedro-mlflow) exports MLFLOW_TRACKING_URI process-wide; a notebook's
+    `%reload_kedro --env=...` or the next test must still get its own environment's store."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(kedro_project)
+    stores = {}
+    for env in ("smoke", None, "smoke"):
+        with KedroSession.create(project_path=kedro_project, env=env) as session:
+            stores.setdefault(env, []).append(session.load_context().mlflow.server.mlflow_tracking_uri)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert stores == {"smoke": ["sqlite:///mlruns/smoke.db"] * 2, None: ["sqlite:///mlruns/mlflow.db"]}
