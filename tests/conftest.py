@@ -43,9 +43,11 @@ def kedro_project(tmp_path, monkeypatch) -> Path:
     """A fresh project copy in ``tmp_path``; the working directory is moved there for the test."""
     project = make_project_copy(tmp_path / "project")
     monkeypatch.chdir(project)
-    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI for the whole process: a value left by an
-    # earlier test would pick the store of this one's Kedro runs. Tests that want it set it themselves.
+    # mlflow.set_tracking_uri() / set_registry_uri() export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for
+    # the whole process: a value left by an earlier test would pick the store of this one's Kedro runs.
+    # Tests that want them set them themselves.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     forget_mlflow_stores()
     return project
 

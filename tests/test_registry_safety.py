@@ -43,16 +43,17 @@ def store(empty_store, tmp_path, monkeypatch):
     """A fresh store of this test's own (tracking and registry), and a minimal model folder to register."""
     shutil.copy2(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # both restored when the test ends
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "MLmodel").write_text("flavors: {}\n")
     yield uri, MlflowClient(tracking_uri=uri, registry_uri=uri), str(model_dir)
-    mlflow.set_tracking_uri(previous[0])
-    mlflow.set_registry_uri(previous[1])
+    mlflow.set_tracking_uri(previous)
+    mlflow.set_registry_uri(None)  # the registry follows the tracking store again
 
 
 def _register(model_dir: str, value, split: str = "split-real"):

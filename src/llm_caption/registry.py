@@ -367,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingStoreUnreachable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # An explicit client, not mlflow.set_*_uri: those export MLFLOW_*_URI to the whole process.
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         if args.command == "list":
