@@ -100,24 +100,53 @@ def test_a_server_that_never_answers_fails_after_the_timeout(silent_server):
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("status", [200, 401, 404])
-def test_any_http_answer_counts_as_reachable(status):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            self.send_response(status)
-            self.end_headers()
+@pytest.fixture
+def http_server():
+    """Start a local HTTP server answering GET ``path -> (status, body)`` (unknown paths: 404, empty)."""
+    servers = []
 
-        def log_message(self, *args):
-            pass
+    def start(routes: dict[str, tuple[int, bytes]]) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                status, body = routes.get(self.path.split("?", 1)[0], (404, b""))
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body)
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        check_tracking_store(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5.0)
-    finally:
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
         server.shutdown()
         server.server_close()
+
+
+API = "/api/2.0/mlflow/experiments/get-by-name"
+
+
+@pytest.mark.parametrize("routes", [
+    {"/health": (200, b"OK")},                                      # an MLflow server
+    {"/health": (401, b"")},                                         # credentials: MLflow's business
+    {API: (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}')},      # MLflow without /health (old, or a gateway)
+])
+def test_a_server_that_answers_like_mlflow_passes(http_server, routes):
+    check_tracking_store(http_server(routes), timeout_s=5.0)
+
+
+@pytest.mark.parametrize("routes, why", [
+    ({"/health": (502, b"Bad Gateway")}, "HTTP 502"),                # a proxy in front of a dead server
+    ({}, "not an MLflow tracking server"),                           # some other web server
+])
+def test_a_server_that_cannot_serve_a_run_fails_in_one_line(http_server, routes, why):
+    uri = http_server(routes)
+    with pytest.raises(TrackingStoreUnreachable, match=f"{uri} is unreachable .*{why}"):
+        check_tracking_store(uri, timeout_s=5.0)
 
 
 def test_a_closed_database_port_fails_and_a_sqlite_folder_is_created(tmp_path):
@@ -140,3 +169,34 @@ def test_a_later_session_in_the_same_process_is_not_sent_to_an_earlier_sessions_
             stores.setdefault(env, []).append(session.load_context().mlflow.server.mlflow_tracking_uri)
         assert "MLFLOW_TRACKING_URI" not in os.environ
     assert stores == {"smoke": ["sqlite:///mlruns/smoke.db"] * 2, None: ["sqlite:///mlruns/mlflow.db"]}
+
+
+@pytest.mark.slow
+def test_kedro_run_against_a_real_tracking_server_passes_the_check_and_records_there(kedro_project, tmp_path,
+                                                                                     monkeypatch):
+    """A real `mlflow server`: the store check lets it through, and the run lands in its backend store."""
+    from servers import free_port, stop_group, wait_for_http
+
+    port = free_port()
+    backend = tmp_path / "server" / "mlflow.db"
+    backend.parent.mkdir()
+    log_path = tmp_path / "server.log"
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{backend}",
+                                 "--default-artifact-root", str(tmp_path / "server" / "artifacts"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{uri}/health", proc, log_path, timeout_s=180)
+        check_tracking_store(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        run_pipeline(kedro_project, "data_engineering", env="smoke", tags=["caption_data"],
+                     params={"caption_data": {"synthetic": {"n_images": 30, "image_size": 64}}})
+        client = MlflowClient(tracking_uri=f"sqlite:///{backend}")
+        runs = client.search_runs([client.get_experiment_by_name("llm_caption").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert not (kedro_project / "mlruns/smoke.db").exists()
+    finally:
+        stop_group(proc)

@@ -105,24 +105,49 @@ def tracking_uri(env: str | None = None, project_dir: str | Path = ".") -> str:
     return server.get("mlflow_tracking_uri") or resolve_tracking_uri(DEFAULT_TRACKING_URI)
 
 
-def _http_unreachable(uri: str, timeout_s: float) -> str | None:
-    """Why the HTTP(S) server at ``uri`` does not answer (any HTTP status counts as an answer), else ``None``."""
+def _http_get(url: str, timeout_s: float) -> tuple[int, bytes] | str:
+    """``(status, body)`` of a GET on ``url`` (any HTTP status), or why no answer came (refused, timed out, ...)."""
     import ssl
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            return None
-    except urllib.error.HTTPError:
-        return None  # it answered (auth, proxy or path differences are MLflow's business)
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read(4096)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(4096)
     except urllib.error.URLError as err:
         reason = err.reason
         if isinstance(reason, ssl.SSLError):
-            return None  # something listens; certificate settings are MLflow's business
+            return 0, b""  # something listens; certificate settings are MLflow's business
         return str(getattr(reason, "strerror", None) or reason)
     except (OSError, ValueError) as err:  # timeouts while reading, malformed URLs
         return str(err) or type(err).__name__
+
+
+def _http_unreachable(uri: str, timeout_s: float) -> str | None:
+    """Why the MLflow server at ``uri`` cannot serve a run, else ``None``.
+
+    No answer, or a 5xx (a proxy's ``502 Bad Gateway``: MLflow would retry it for minutes), is
+    unreachable. A 404 for ``/health`` is accepted only if the MLflow REST API answers like MLflow
+    (a JSON ``error_code`` or a 200), so a host that is not a tracking server fails here too. Other
+    answers (200, 401/403 for credentials) are left to MLflow.
+    """
+    base = uri.rstrip("/")
+    health = _http_get(base + "/health", timeout_s)
+    if isinstance(health, str):
+        return health
+    status = health[0]
+    if status >= 500:
+        return f"HTTP {status} for {base}/health"
+    if status != 404:
+        return None
+    api = _http_get(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default", timeout_s)
+    if isinstance(api, str):
+        return api
+    if api[0] in (200, 401, 403) or b"error_code" in api[1]:
+        return None
+    return f"HTTP 404 for {base}/health and HTTP {api[0]} for its REST API: not an MLflow tracking server"
 
 
 def _tcp_unreachable(host: str, port: int, timeout_s: float) -> str | None:
