@@ -124,7 +124,8 @@ def test_a_nan_or_missing_metric_never_becomes_champion(store, value):
 def test_a_champion_without_a_finite_metric_never_blocks_a_real_one(store):
     _, client, model_dir = store
     # A champion from before metrics were checked: tag metric_value "nan", alias set by hand.
-    legacy = client.create_model_version(MODEL, model_dir) if _ensure_model(client) else None
+    client.create_registered_model(MODEL)
+    legacy = client.create_model_version(MODEL, model_dir)
     client.set_model_version_tag(MODEL, legacy.version, "metric_value", "nan")
     client.set_model_version_tag(MODEL, legacy.version, "metric_name", "val_bleu4")
     client.set_model_version_tag(MODEL, legacy.version, "eval_split", "split-real")
@@ -136,11 +137,6 @@ def test_a_champion_without_a_finite_metric_never_blocks_a_real_one(store):
     # By hand too: promoting over a NaN champion needs no --force.
     client.set_registered_model_alias(MODEL, CHAMPION, legacy.version)
     assert promote(MODEL, new.version, client=client).promoted and _champion(client) == new.version
-
-
-def _ensure_model(client: MlflowClient) -> bool:
-    client.create_registered_model(MODEL)
-    return True
 
 
 def test_registry_lock_waits_then_names_the_lock_file(tmp_path):
