@@ -3,7 +3,8 @@
     python -m llm_caption.caption path/to/image.jpg [more.jpg ...]
         [--model-uri models:/image-captioner@champion] [--tracking-uri sqlite:///mlruns/mlflow.db]
 
-The tracking URI defaults to ``$MLFLOW_TRACKING_URI`` or the project's store ``sqlite:///mlruns/mlflow.db``.
+The tracking URI defaults to the store ``kedro run`` uses (``$MLFLOW_TRACKING_URI``, else the project's
+``mlflow.yml``: ``sqlite:///mlruns/mlflow.db``; ``--env smoke``: ``sqlite:///mlruns/smoke.db``).
 Prints one line per image: the file name, a tab and the caption (or the error for that image).
 The files are read here and their bytes sent to the model, as a client of the served model
 would send them (the model itself never opens a path).
@@ -19,16 +20,16 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL_URI = "models:/image-captioner@champion"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm_caption.caption", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files to caption")
     parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI, help=f"MLflow model URI (default {DEFAULT_MODEL_URI})")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
-                        help="MLflow tracking/registry store (default $MLFLOW_TRACKING_URI or "
-                             f"{DEFAULT_TRACKING_URI})")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking/registry store (default: the one `kedro run --env ENV` uses)")
+    parser.add_argument("--env", default=os.environ.get("KEDRO_ENV"),
+                        help="Kedro environment whose store to use, e.g. smoke (default: $KEDRO_ENV or base)")
     return parser.parse_args(argv)
 
 
@@ -73,8 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(args.tracking_uri)
-    mlflow.set_registry_uri(args.tracking_uri)
+    from .tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(args.env)
+    try:
+        check_tracking_store(uri)
+    except TrackingStoreUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(args.model_uri)
     failed = False
     for path, (caption, error) in zip(args.images, caption_files(model, list(args.images))):

@@ -3,8 +3,9 @@
     python -m llm_caption.chat --model-uri models:/persian-chat-adapter@champion "سلام، حالت چطوره؟"
     python -m llm_caption.chat --method lora "سلام، حالت چطوره؟"      # a local adapter of llm_finetuning
 
-Run from the project root (the MLflow store is ``sqlite:///mlruns/mlflow.db`` unless
-``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` says otherwise).
+Run from the project root: the MLflow store is the one ``kedro run --env ENV`` uses
+(``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``; ``--env smoke``: ``mlruns/smoke.db``)
+unless ``--tracking-uri`` says otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--method", help="name of a method saved by llm_finetuning under --adapters-dir")
     parser.add_argument("message", help="the user's message")
     parser.add_argument("--adapters-dir", default="data/06_models/llm", help="where llm_finetuning saved methods")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the store `kedro run --env ENV` uses)")
+    parser.add_argument("--env", default=os.environ.get("KEDRO_ENV"),
+                        help="Kedro environment whose store to use, e.g. smoke (default: $KEDRO_ENV or base)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
@@ -79,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_uri:
         import mlflow
 
-        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns/mlflow.db")
+        from .tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+
+        uri = args.tracking_uri or tracking_uri(args.env)
+        try:
+            check_tracking_store(uri)
+        except TrackingStoreUnreachable as err:
+            raise SystemExit(f"error: {err}") from None
+        mlflow.set_tracking_uri(uri)
         check_model_uri(args.model_uri)
         from mlflow.exceptions import MlflowException
 

@@ -19,19 +19,19 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import run_pipeline
+from conftest import data_root, run_pipeline, store_uri
 
 # Where each upstream dataset lives (docs/datasets.md); used only when no catalog declares it yet.
 UPSTREAM = {
-    "caption_predictions": ("pandas.ParquetDataset", "data/07_model_output/caption_predictions.parquet"),
-    "caption_model_results": ("pandas.CSVDataset", "data/07_model_output/caption_model_results.csv"),
-    "caption_loss_history": ("pandas.CSVDataset", "data/07_model_output/caption_loss_history.csv"),
-    "caption_attention_sample": ("pickle.PickleDataset", "data/07_model_output/caption_attention_sample.pkl"),
-    "llm_method_results": ("pandas.CSVDataset", "data/07_model_output/llm_method_results.csv"),
-    "llm_loss_history": ("pandas.CSVDataset", "data/07_model_output/llm_loss_history.csv"),
-    "llm_generations": ("pandas.CSVDataset", "data/07_model_output/llm_generations.csv"),
-    "chat_data_report": ("json.JSONDataset", "data/08_reporting/chat_data_report.json"),
-    "caption_data_report": ("json.JSONDataset", "data/08_reporting/caption_data_report.json"),
+    "caption_predictions": ("pandas.ParquetDataset", "data/smoke/07_model_output/caption_predictions.parquet"),
+    "caption_model_results": ("pandas.CSVDataset", "data/smoke/07_model_output/caption_model_results.csv"),
+    "caption_loss_history": ("pandas.CSVDataset", "data/smoke/07_model_output/caption_loss_history.csv"),
+    "caption_attention_sample": ("pickle.PickleDataset", "data/smoke/07_model_output/caption_attention_sample.pkl"),
+    "llm_method_results": ("pandas.CSVDataset", "data/smoke/07_model_output/llm_method_results.csv"),
+    "llm_loss_history": ("pandas.CSVDataset", "data/smoke/07_model_output/llm_loss_history.csv"),
+    "llm_generations": ("pandas.CSVDataset", "data/smoke/07_model_output/llm_generations.csv"),
+    "chat_data_report": ("json.JSONDataset", "data/smoke/08_reporting/chat_data_report.json"),
+    "caption_data_report": ("json.JSONDataset", "data/smoke/08_reporting/caption_data_report.json"),
 }
 
 CAPTIONS = {
@@ -80,7 +80,7 @@ def write_upstream(project: Path) -> dict[str, str]:
 
     images = project / "data" / "01_raw" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(store_uri(project))
     experiment = mlflow.set_experiment("upstream_fixture")
     client = MlflowClient()
     run_ids = {}
@@ -94,7 +94,8 @@ def write_upstream(project: Path) -> dict[str, str]:
             for split in ("val", "test"):
                 rows.append({"architecture": arch, "split": split, "image_id": image_id,
                              "image_path": str(images / image_id), "prediction": preds[image_id], "references": refs})
-    out = project / "data" / "07_model_output"
+    out = data_root(project) / "07_model_output"
+    out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(out / "caption_predictions.parquet")
     pd.DataFrame([{"architecture": arch, "params": 1_000_000 * (i + 2), "epochs_run": 2, "epoch_time_cached_s": 1.5,
                    "epoch_time_uncached_s": 9.0, "final_train_loss": 2.0 - i, "final_val_loss": 2.5 - i,
@@ -130,7 +131,8 @@ def write_upstream(project: Path) -> dict[str, str]:
     pd.DataFrame(results).to_csv(out / "llm_method_results.csv", index=False)
     pd.DataFrame(history).to_csv(out / "llm_loss_history.csv", index=False)
     pd.DataFrame(generations).to_csv(out / "llm_generations.csv", index=False)
-    reporting = project / "data" / "08_reporting"
+    reporting = data_root(project) / "08_reporting"
+    reporting.mkdir(parents=True, exist_ok=True)
     (reporting / "chat_data_report.json").write_text(json.dumps({"input": 10, "accepted": 8, "train": 5, "test": 3}),
                                                      encoding="utf-8")
     (reporting / "caption_data_report.json").write_text(json.dumps({
@@ -143,7 +145,7 @@ def test_evaluation_pipeline_scores_and_logs_on_model_runs(kedro_project):
     run_ids = write_upstream(kedro_project)
     run_pipeline(kedro_project, "evaluation")
 
-    metrics = pd.read_csv(kedro_project / "data" / "08_reporting" / "caption_metrics.csv")
+    metrics = pd.read_csv(data_root(kedro_project) / "08_reporting" / "caption_metrics.csv")
     assert set(metrics["architecture"]) == set(PREDICTIONS) and set(metrics["split"]) == {"val", "test"}
     expected = {f"{impl}_bleu_{n}" for impl in ("nltk", "coco") for n in range(1, 5)} | {"meteor", "rouge_l", "cider_d"}
     assert set(metrics["metric"]) == expected
@@ -153,18 +155,18 @@ def test_evaluation_pipeline_scores_and_logs_on_model_runs(kedro_project):
     assert test[("show_attend_tell", "cider_d")] > test[("show_tell", "cider_d")]
     assert test[("show_attend_tell", "meteor")] > test[("show_tell", "meteor")]
 
-    per_image = pd.read_parquet(kedro_project / "data" / "08_reporting" / "caption_per_image_scores.parquet")
+    per_image = pd.read_parquet(data_root(kedro_project) / "08_reporting" / "caption_per_image_scores.parquet")
     assert len(per_image) == 2 * 2 * len(CAPTIONS)
     assert {"bleu_4", "cider_d", "meteor", "rouge_l", "image_path"} <= set(per_image.columns)
 
-    chat = pd.read_csv(kedro_project / "data" / "08_reporting" / "chat_metrics.csv")
+    chat = pd.read_csv(data_root(kedro_project) / "08_reporting" / "chat_metrics.csv")
     after = chat[chat["stage"] == "after"].set_index("method")
     assert after.loc["lora", "persian_share"] == 1.0
     assert after.loc["lora", "chrf"] > after.loc["prompt_tuning", "chrf"]
     assert after.loc["prompt_tuning", "repetition_rate"] > after.loc["lora", "repetition_rate"]
     assert math.isclose(after.loc["prompt_tuning", "perplexity"], math.exp(2.5))
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{kedro_project / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=store_uri(kedro_project))
     lora_metrics = client.get_run(run_ids["lora"]).data.metrics
     assert math.isclose(lora_metrics["test_chrf"], after.loc["lora", "chrf"])
     sat = client.get_run(run_ids["show_attend_tell"]).data.metrics

@@ -8,7 +8,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from test_evaluation import METHOD_ANSWERS, PREDICTIONS, write_upstream
 
-from conftest import run_pipeline
+from conftest import data_root, run_pipeline, store_uri
 from llm_caption.evaluation.caption_metrics import evaluate_captions
 from llm_caption.evaluation.chat_metrics import evaluate_chat
 
@@ -18,17 +18,17 @@ FIGURES = ("chat_loss_curves", "chat_method_bars", "caption_loss_curves", "capti
 
 def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_project):
     write_upstream(kedro_project)
-    reporting = kedro_project / "data" / "08_reporting"
+    reporting = data_root(kedro_project) / "08_reporting"
     # One EDA figure exists (as data_engineering would write it), the others are missing.
     (reporting / "caption_length_plot.png").write_bytes(
         (kedro_project / "data" / "01_raw" / "images" / "red_square.png").read_bytes())
     # The evaluation outputs, computed by the evaluation code (METEOR left out here: its pipeline test covers it).
-    predictions = pd.read_parquet(kedro_project / "data" / "07_model_output" / "caption_predictions.parquet")
+    predictions = pd.read_parquet(data_root(kedro_project) / "07_model_output" / "caption_predictions.parquet")
     metrics, per_image = evaluate_captions(predictions, ["nltk_bleu", "coco_bleu", "rouge_l", "cider_d"])
     metrics.to_csv(reporting / "caption_metrics.csv", index=False)
     keys = ["architecture", "split", "image_id"]
     per_image.merge(predictions[keys + ["image_path"]], on=keys).to_parquet(reporting / "caption_per_image_scores.parquet")
-    output = kedro_project / "data" / "07_model_output"
+    output = data_root(kedro_project) / "07_model_output"
     evaluate_chat(pd.read_csv(output / "llm_method_results.csv"), pd.read_csv(output / "llm_generations.csv")
                   ).to_csv(reporting / "chat_metrics.csv", index=False)
     run_pipeline(kedro_project, "reporting")
@@ -64,7 +64,7 @@ def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_proje
     assert "<tr><td>caption vocabulary size</td><td>42</td></tr>" in page
     assert "پایتخت ایران" in page  # Persian samples are embedded
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{kedro_project / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=store_uri(kedro_project))
     experiment = client.get_experiment_by_name("llm_caption")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
     artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id)]
