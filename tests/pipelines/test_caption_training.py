@@ -1,12 +1,15 @@
 """caption_training through Kedro's session (smoke env) on a small real synthetic-scenes data set."""
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "captioning"))
@@ -15,6 +18,8 @@ from conftest import data_root, run_pipeline, store_uri  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ARCHS = ["show_tell", "show_attend_tell", "cnn_transformer"]
+# A serving limit unlike the default (64 rows): the registered model must carry what the parameters say.
+SERVING = {"caption_training": {"serving": {"max_rows": 2}}}
 
 
 def write_smoke_caption_inputs(root: Path, inputs: dict) -> None:
@@ -37,7 +42,7 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     assert smoke == kedro_project / "data/smoke"
     write_smoke_caption_inputs(smoke, inputs)
     default_data = files_under(kedro_project / "data") - {f"smoke/{f}" for f in files_under(smoke)}
-    run_pipeline(kedro_project, "caption_training", env="smoke")
+    run_pipeline(kedro_project, "caption_training", env="smoke", params=SERVING)
 
     # The smoke run wrote only under its own data root and into its own store.
     assert files_under(kedro_project / "data") - {f"smoke/{f}" for f in files_under(smoke)} == default_data
@@ -75,19 +80,49 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     assert champion.tags["champion_decision"] == "promoted: no champion yet"
 
     # Second run: the checkpoints are complete, so it resumes without training and ties the champion.
-    run_pipeline(kedro_project, "caption_training", env="smoke")
+    run_pipeline(kedro_project, "caption_training", env="smoke", params=SERVING)
     versions = client.search_model_versions("name='image-captioner'")
     assert len(versions) == 2
     assert str(client.get_model_version_by_alias("image-captioner", "champion").version) == "1"
     again = pd.read_csv(out / "caption_model_results.csv")
     pd.testing.assert_series_equal(again["best_val_bleu4"], results["best_val_bleu4"])
 
-    cli = subprocess.run([sys.executable, "-m", "llm_caption.caption", inputs["caption_images"]["image_path"][0],
-                          "--tracking-uri", uri], capture_output=True, text=True,
-                         timeout=300, cwd=kedro_project)
+    image_path = inputs["caption_images"]["image_path"][0]
+    cli = subprocess.run([sys.executable, "-m", "llm_caption.caption", image_path, "--tracking-uri", uri],
+                         capture_output=True, text=True, timeout=300, cwd=kedro_project)
     assert cli.returncode == 0, cli.stderr[-2000:]
     path, caption = cli.stdout.strip().splitlines()[-1].split("\t")
-    assert path.endswith(".jpg") and caption.strip()
+    assert path == image_path
+
+    champion_model = load_champion(uri)
+    image_b64 = base64.b64encode(Path(image_path).read_bytes()).decode("ascii")
+    served = champion_model.predict(pd.DataFrame({"image": [image_b64]}))
+    assert served["error"].tolist() == [""]
+    assert caption == served["caption"][0]
+    words = caption.split()
+    assert words and set(words) <= set(inputs["caption_vocab"]["itos"][3:]), caption  # no <pad> <sos> <eos>
+
+    # The registered model carries the limits of the run's parameters: 3 rows are over its 2.
+    assert champion_model.unwrap_python_model().limits.max_rows == 2
+    with pytest.raises(MlflowException, match="the request has 3 rows; this model takes at most 2 per request"):
+        champion_model.predict(pd.DataFrame({"image": [image_b64] * 3}))
+    assert champion_model.predict(pd.DataFrame({"image": [image_b64] * 2}))["caption"].tolist() == [caption] * 2
+
+
+def load_champion(uri: str):
+    """``models:/image-captioner@champion`` of the store ``uri``, loaded through MLflow's registry."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        # set_tracking_uri / set_registry_uri export these variables; put them back afterwards.
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            return mlflow.pyfunc.load_model("models:/image-captioner@champion")
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
 
 
 def test_bad_caption_rows_are_named(tmp_path):

@@ -256,6 +256,8 @@ def register_best_captioner(caption_model_results: pd.DataFrame, caption_vocab: 
     """Log the best architecture (by validation BLEU-4) as a pyfunc model and register it as ``image-captioner``.
 
     The ``champion`` alias moves only if the new version beats the champion on the same validation split.
+    The model carries the request limits of ``params["serving"]`` (defaults of ``ServingLimits`` for keys
+    it does not name).
     """
     reg = params["registry"]
     best = caption_model_results.sort_values("best_val_bleu4", ascending=False, kind="stable").iloc[0]
@@ -267,7 +269,7 @@ def register_best_captioner(caption_model_results: pd.DataFrame, caption_vocab: 
     val_ids = sorted(set(captions_encoded.loc[captions_encoded["split"] == "val", "image_id"]))
     with mlflow.start_run(run_id=best["mlflow_run_id"], nested=mlflow.active_run() is not None):
         model_uri = log_captioner(model, config, caption_vocab, caption_feature_cache["encoder_weights"],
-                                  name=reg.get("artifact_name", "image-captioner"))
+                                  name=reg.get("artifact_name", "image-captioner"), serving=params.get("serving"))
     decision = register_and_promote(model_uri, reg["model_name"], "val_bleu4", float(best["best_val_bleu4"]),
                                     greater_is_better=True, eval_split=split_fingerprint(val_ids),
                                     extra_tags={"architecture": arch, "mlflow_run_id": best["mlflow_run_id"]})
