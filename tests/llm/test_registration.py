@@ -87,9 +87,14 @@ def test_best_method_skips_nan_losses_and_falls_back_when_all_are_nan():
     results = pd.DataFrame({"method": ["base", "prompt_tuning", "lora", "dora"],
                             "adapter_dir": ["", "a/prompt_tuning", "a/lora", "a/dora"],
                             "eval_loss": [3.0, float("nan"), 2.5, 2.7]})
-    assert best_method(results)["method"] == "lora"
+    assert best_method(results, "eval_loss")["method"] == "lora"
     diverged = results.assign(eval_loss=[3.0, float("nan"), float("nan"), None])
-    assert best_method(diverged)["method"] == "prompt_tuning"  # registered, but never champion
+    assert best_method(diverged, "eval_loss")["method"] == "prompt_tuning"  # registered, but never champion
+    # The default ranks by bits per character, which compares models with different tokenizers.
+    ranked = results.assign(bits_per_char=[2.0, 1.9, 1.95, 1.7])
+    assert best_method(ranked)["method"] == "dora"
+    with pytest.raises(ValueError, match="no 'bits_per_char' column"):
+        best_method(results)
 
 
 @pytest.mark.slow

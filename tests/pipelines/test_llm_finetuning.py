@@ -37,6 +37,8 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
     results = pd.read_csv(smoke / "07_model_output/llm_method_results.csv")
     assert list(results["method"]) == METHODS
     assert results["eval_loss"].gt(0).all() and results["perplexity"].gt(1).all()
+    assert (results["status"] == "ok").all() and results["bits_per_char"].gt(0).all()
+    assert results["chrf_pp"].between(0, 100).all()
     by_method = results.set_index("method")
     assert by_method.loc["base", "trainable_params"] == 0
     assert 0 < by_method.loc["lora", "trainable_pct"] < 10
@@ -68,7 +70,7 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
         assert run.data.tags["llm_caption.method"] == method
         assert "llm_caption.parent_run_id" in run.data.tags
         for metric in ("trainable_params", "peak_memory_mb", "train_time_s", "tokens_per_s", "eval_loss",
-                       "perplexity", "persian_share"):
+                       "perplexity", "bits_per_char", "chrf_pp", "persian_share"):
             assert metric in run.data.metrics, (method, metric)
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert "generations.json" in artifacts
@@ -76,7 +78,8 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
             assert len(client.get_metric_history(run_id, "train_loss")) == 2
 
     decision = json.loads((smoke / "07_model_output/llm_registry_decision.json").read_text())
-    best = results[results["method"] != "base"].sort_values("eval_loss").iloc[0]
+    best = results[results["method"] != "base"].sort_values("bits_per_char").iloc[0]
     assert decision["method"] == best["method"] and decision["promoted"] is True
+    assert decision["metric"] == "bits_per_char" and decision["value"] == best["bits_per_char"]
     champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")
     assert str(champion.version) == decision["version"]

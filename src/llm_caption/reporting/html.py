@@ -32,7 +32,9 @@ class Criterion:
 
 #: Summary lines per table: (label, column, direction).
 CHAT_CRITERIA = (
+    Criterion("fewest bits per character on the test split", "bits_per_char", False),
     Criterion("lowest eval loss on the test split", "eval_loss", False),
+    Criterion("highest chrF++ against the reference answers", "chrf_pp", True),
     Criterion("highest chrF against the reference answers", "chrf", True),
     Criterion("highest ROUGE-L (Persian tokens)", "rouge_l", True),
     Criterion("highest Persian-script share of the answers", "persian_share", True),

@@ -14,6 +14,7 @@ import pandas as pd
 # Column in the chat table -> (source table, source column, heading).
 CHAT_COLUMNS: dict[str, str] = {
     "method": "Method",
+    "status": "Status",
     "trainable_params": "Trainable params",
     "trainable_pct": "Trainable %",
     "peak_memory_mb": "Peak memory (MB)",
@@ -21,6 +22,8 @@ CHAT_COLUMNS: dict[str, str] = {
     "tokens_per_s": "Tokens/s",
     "eval_loss": "Eval loss",
     "perplexity": "Perplexity",
+    "bits_per_char": "Bits/char",
+    "chrf_pp": "chrF++",
     "chrf": "chrF",
     "rouge_l": "ROUGE-L",
     "persian_share": "Persian share",
@@ -54,7 +57,7 @@ CAPTION_COLUMNS: dict[str, str] = {
 
 
 def chat_methods_table(method_results: pd.DataFrame, chat_metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per fine-tuning method (test split), best eval loss first.
+    """One row per fine-tuning method (test split), fewest bits per character first (eval loss for older results).
 
     When no method row describes the untrained model (``trainable_params == 0``), the answers of the
     ``before`` stage are added as a last reference row.
@@ -65,7 +68,7 @@ def chat_methods_table(method_results: pd.DataFrame, chat_metrics: pd.DataFrame)
     table = results.merge(after, on="method", how="left", validate="one_to_one")
     if "perplexity" not in table.columns or table["perplexity"].isna().all():
         table["perplexity"] = table["eval_loss"].map(lambda v: math.exp(v) if pd.notna(v) else float("nan"))
-    table = table.sort_values("eval_loss", kind="stable")
+    table = table.sort_values("bits_per_char" if "bits_per_char" in table.columns else "eval_loss", kind="stable")
     before = chat_metrics[chat_metrics["stage"] == "before"]
     has_untrained_row = bool((pd.to_numeric(table.get("trainable_params"), errors="coerce") == 0).any())
     if not before.empty and not has_untrained_row:

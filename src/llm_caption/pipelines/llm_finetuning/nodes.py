@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from ...llm.experiment import compare_models, eval_subset, run_methods
-from ...llm.registration import best_method, register_adapter
+from ...llm.registration import RANKING_METRIC, best_method, register_adapter
 from ...registry import split_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,14 @@ def compare_base_and_instruct(chat_train: pd.DataFrame, chat_test: pd.DataFrame,
 
 def register_best_method(results: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
                          seed: int) -> dict[str, Any]:
-    """Register the lowest-eval-loss method as ``registry.model_name``; ``champion`` moves only if it is better
-    than the current champion on the same eval split. Returns the decision (saved as JSON)."""
-    best = best_method(results)
-    eval_ids = eval_subset(chat_test, params, seed)["conversation_id"].astype(str)
+    """Register the method with the lowest bits per character as ``registry.model_name``; ``champion`` moves only
+    if it is better than the current champion on the same eval split. Returns the decision (saved as JSON)."""
     registry = params.get("registry") or {}
+    metric = registry.get("metric", RANKING_METRIC)
+    best = best_method(results, metric)
+    eval_ids = eval_subset(chat_test, params, seed)["conversation_id"].astype(str)
     return register_adapter(
-        adapter_dir=best["adapter_dir"], method=best["method"], eval_loss=float(best["eval_loss"]),
+        adapter_dir=best["adapter_dir"], method=best["method"], eval_loss=float(best[metric]),
         eval_split=split_fingerprint(eval_ids), model_name=registry.get("model_name", "persian-chat-adapter"),
         run_id=best["mlflow_run_id"], generation=params.get("generation"),
-        pip_requirements=registry.get("pip_requirements"))
+        pip_requirements=registry.get("pip_requirements"), metric=metric, limits=registry.get("serving"))
