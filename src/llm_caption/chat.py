@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         adapter_dir = Path(args.adapters_dir) / args.method
         if not adapter_dir.is_dir():
-            available = sorted(p.name for p in Path(args.adapters_dir).glob("*") if p.is_dir())
+            available = sorted(p.name for p in Path(args.adapters_dir).glob("*") if p.is_dir() and not p.name.startswith("."))
             raise SystemExit(f"error: no saved method {args.method!r} in {args.adapters_dir} (found: {available})")
         model, tokenizer = load_finetuned(adapter_dir)
         reply = generate_answers(model, tokenizer, [messages], generation)[0]
