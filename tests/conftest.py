@@ -113,3 +113,13 @@ def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created once (schema migrations take seconds); tests copy it."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path

@@ -35,14 +35,6 @@ def _add_version(client: MlflowClient, tmp_path, name: str, metric: str, value: 
     return str(version)
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, created once (schema migrations take seconds) and copied per test."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(empty_store, tmp_path, monkeypatch):
     shutil.copy2(empty_store, tmp_path / "mlflow.db")

@@ -30,14 +30,6 @@ MODEL = "image-captioner"
 WORKER = Path(__file__).resolve().parent / "registry_race_worker.py"
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store, created once (schema migrations take seconds) and copied per test."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def store(empty_store, tmp_path, monkeypatch):
     """A fresh store of this test's own (tracking and registry), and a minimal model folder to register."""

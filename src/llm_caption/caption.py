@@ -74,14 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import mlflow
 
-    from .tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+    from .tracking import reachable_store_uri
 
-    uri = args.tracking_uri or tracking_uri(args.env)
-    try:
-        check_tracking_store(uri)
-    except TrackingStoreUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    uri = reachable_store_uri(args.tracking_uri, args.env)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(args.model_uri)

@@ -83,13 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_uri:
         import mlflow
 
-        from .tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+        from .tracking import reachable_store_uri
 
-        uri = args.tracking_uri or tracking_uri(args.env)
-        try:
-            check_tracking_store(uri)
-        except TrackingStoreUnreachable as err:
-            raise SystemExit(f"error: {err}") from None
+        uri = reachable_store_uri(args.tracking_uri, args.env)
         mlflow.set_tracking_uri(uri)
         check_model_uri(args.model_uri)
         from mlflow.exceptions import MlflowException

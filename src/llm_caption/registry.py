@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import sys
 
-    from .tracking import TrackingStoreUnreachable, check_tracking_store, tracking_uri
+    from .tracking import reachable_store_uri
 
     parser = argparse.ArgumentParser(prog="python -m llm_caption.registry",
                                      description="List registered models; move the champion alias when it is earned.")
@@ -361,12 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    uri = args.tracking_uri or tracking_uri(args.env)
-    try:
-        check_tracking_store(uri)
-    except TrackingStoreUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    uri = reachable_store_uri(args.tracking_uri, args.env)
     # An explicit client, not mlflow.set_*_uri: those export MLFLOW_*_URI to the whole process.
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:

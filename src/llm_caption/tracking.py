@@ -186,3 +186,17 @@ def check_tracking_store(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingStoreUnreachable(
             f"MLflow tracking store {uri} is unreachable ({why}); start it, or point {TRACKING_URI_ENV} "
             f"(or server.mlflow_tracking_uri in conf/<env>/mlflow.yml) at a store that answers")
+
+
+def reachable_store_uri(explicit: str | None, env: str | None = None) -> str:
+    """The store a command line uses (``explicit``, else :func:`tracking_uri` of ``env``), checked to answer;
+    an unreachable one ends the command with exit status 2 and one ``error:`` line naming it."""
+    import sys
+
+    uri = explicit or tracking_uri(env)
+    try:
+        check_tracking_store(uri)
+    except TrackingStoreUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return uri

@@ -23,7 +23,8 @@ def logged(tmp_path_factory):
         patch.chdir(root)
         mlflow.set_tracking_uri(tracking)
         try:
-            with mlflow.start_run():
+            # An experiment of this store: an earlier test's active experiment id names another store's.
+            with mlflow.start_run(experiment_id=mlflow.create_experiment("cli")):
                 uri = log_captioner(cap["decoder"], cap["config"], cap["vocab"], cap["encoder_weights"],
                                     serving={"max_rows": 2})
             model = mlflow.pyfunc.load_model(uri)
