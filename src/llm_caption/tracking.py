@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,6 @@ def check_tracking_store(uri: str, timeout_s: float = 10.0) -> None:
 def reachable_store_uri(explicit: str | None, env: str | None = None) -> str:
     """The store a command line uses (``explicit``, else :func:`tracking_uri` of ``env``), checked to answer;
     an unreachable one ends the command with exit status 2 and one ``error:`` line naming it."""
-    import sys
-
     uri = explicit or tracking_uri(env)
     try:
         check_tracking_store(uri)

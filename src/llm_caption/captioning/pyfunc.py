@@ -37,6 +37,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
+from ..limits import check_positive_ints, config_values
+
 logger = logging.getLogger(__name__)
 
 INPUT_COLUMN = "image"
@@ -55,21 +57,14 @@ class ServingLimits:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
     def __post_init__(self) -> None:
-        for name in ("max_image_pixels", "max_image_bytes", "max_rows", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"serving.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("max_image_pixels", "max_image_bytes", "max_rows", "batch_size"), "serving.")
         if not self.image_formats:
             raise ValueError("serving.image_formats must name at least one format")
 
     @classmethod
     def from_config(cls, serving: Mapping[str, Any] | None) -> "ServingLimits":
         """Limits from a ``serving`` mapping (missing keys: the defaults); unknown keys are an error."""
-        values = dict(serving or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"serving: unknown keys {unknown}; known: {sorted(known)}")
+        values = config_values(cls, serving, "serving")
         if "image_formats" in values:
             values["image_formats"] = tuple(str(f).upper() for f in values["image_formats"])
         return cls(**values)

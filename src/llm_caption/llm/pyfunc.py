@@ -14,7 +14,6 @@ trace reaches the client.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import numbers
 from collections.abc import Mapping
@@ -24,6 +23,8 @@ from typing import Any
 
 import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
+
+from ..limits import check_positive_ints, config_values
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,8 @@ class ChatLimits:
     repetition_penalty: tuple[float, float] = (1.0, 2.0)
 
     def __post_init__(self) -> None:
-        for name in ("max_conversations", "max_messages", "max_message_chars", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"chat limits: {name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("max_conversations", "max_messages", "max_message_chars", "max_new_tokens"),
+                            "chat limits: ")
         low, high = self.repetition_penalty
         if not 0 < low <= high:
             raise ValueError(f"chat limits: repetition_penalty must be a range 0 < low <= high, got {low, high}")
@@ -53,11 +52,7 @@ class ChatLimits:
     @classmethod
     def from_config(cls, limits: Mapping[str, Any] | None) -> "ChatLimits":
         """Limits from a mapping (missing keys: the defaults); unknown keys are an error."""
-        values = dict(limits or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"chat limits: unknown keys {unknown}; known: {sorted(known)}")
+        values = config_values(cls, limits, "chat limits")
         if "repetition_penalty" in values:
             values["repetition_penalty"] = tuple(float(v) for v in values["repetition_penalty"])
         return cls(**values)

@@ -58,12 +58,12 @@ def _run_exists(run_id: str, method: str) -> bool:
         return False
 
 
-def register_adapter(adapter_dir: str, method: str, eval_loss: float, eval_split: str, model_name: str,
+def register_adapter(adapter_dir: str, method: str, value: float, eval_split: str, model_name: str,
                      run_id: str | None = None, generation: Mapping[str, Any] | None = None,
                      pip_requirements: list[str] | None = None, metric: str = "eval_loss",
                      limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Log ``adapter_dir`` as a pyfunc chat model (in run ``run_id``, or a new run), register it as
-    ``model_name`` judged on ``eval_loss`` — the value of ``metric`` (lower is better, e.g. ``bits_per_char``) —
+    ``model_name`` judged on ``value`` of ``metric`` (lower is better, e.g. ``eval_loss`` or ``bits_per_char``)
     on ``eval_split``; returns the decision. ``limits`` caps what a request to the served model may ask.
 
     A NaN or missing value is registered as NaN and never takes the champion alias; a version
@@ -73,7 +73,7 @@ def register_adapter(adapter_dir: str, method: str, eval_loss: float, eval_split
     with mlflow.start_run(run_id=run_id, nested=active is not None,
                           run_name=None if run_id else f"register-{method}"):
         info = log_chat_model(adapter_dir, generation, pip_requirements, limits=limits)
-    loss = float("nan") if finite_metric(eval_loss) is None else float(eval_loss)
+    loss = float("nan") if finite_metric(value) is None else float(value)
     decision = register_and_promote(info.model_uri, model_name, metric, loss,
                                     greater_is_better=False, eval_split=eval_split,
                                     extra_tags={"method": method})

@@ -45,7 +45,7 @@ def register_best_method(results: pd.DataFrame, chat_test: pd.DataFrame, params:
     best = best_method(results, metric)
     eval_ids = eval_subset(chat_test, params, seed)["conversation_id"].astype(str)
     return register_adapter(
-        adapter_dir=best["adapter_dir"], method=best["method"], eval_loss=float(best[metric]),
+        adapter_dir=best["adapter_dir"], method=best["method"], value=float(best[metric]),
         eval_split=split_fingerprint(eval_ids), model_name=registry.get("model_name", "persian-chat-adapter"),
         run_id=best["mlflow_run_id"], generation=params.get("generation"),
         pip_requirements=registry.get("pip_requirements"), metric=metric, limits=registry.get("serving"))
