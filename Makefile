@@ -41,3 +41,8 @@ test: setup browser
 
 clean-data:
 	find data -type f ! -name .gitkeep -delete
+
+# Side-by-side benchmarks against the peers (about 15-20 minutes): writes benchmarks/results.md and an MLflow run.
+.PHONY: bench
+bench: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks

@@ -254,11 +254,12 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any], output_dir: str | Path,
-                 seed: int, train: bool = True) -> TrainResult:
+                 seed: int, train: bool = True, callbacks: list | None = None) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` parameters) and evaluate it; ``train=False`` only evaluates.
 
     ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...) and
-    ``resume`` (continue from the last checkpoint in ``output_dir`` when there is one).
+    ``resume`` (continue from the last checkpoint in ``output_dir`` when there is one). ``callbacks`` are
+    extra ``transformers.TrainerCallback`` objects (e.g. the benchmarks' step clock).
     """
     from transformers import set_seed
     from trl import SFTTrainer
@@ -267,7 +268,7 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
     resume = last_checkpoint(output_dir) if training.get("resume", True) and train else None
     config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, callbacks=list(callbacks or []))
     with peak_memory_mb() as memory, labelled_positions_only():
         start = time.perf_counter()
         start_step = 0

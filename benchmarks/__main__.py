@@ -1,0 +1,222 @@
+"""``python -m benchmarks`` (``make bench``): every benchmark side by side, written to ``benchmarks/results.md``
+and logged as one MLflow run (experiment ``benchmarks``).
+
+    python -m benchmarks [--tiny] [--out benchmarks/results.md] [--tracking-uri URI] [--threads 2]
+
+``--tiny`` runs the same code on a few images, conversations and steps (the test suite runs it so that the
+harness cannot rot); its figures say nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {
+    "full": {"llm": dict(steps=20, reps=2, batch=4, seq_len=96, n_train=160, n_eval=16),
+             "caption": dict(n_images=96, n_beam_images=48, epochs=1, reps=2, batch=64, extra_epochs=12),
+             "peak_s": 2.0},
+    "tiny": {"llm": dict(steps=3, reps=1, batch=2, seq_len=64, n_train=12, n_eval=4),
+             "caption": dict(n_images=6, n_beam_images=4, epochs=1, reps=1, batch=8, extra_epochs=2),
+             "peak_s": 0.2},
+}
+LOSS_TOLERANCE = 0.05  # nats: final eval losses of the LLM paths must agree within this
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few steps and images: checks the harness, not speed")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"), help="the table (Markdown)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["llm", "caption"], help="benchmarks to leave out")
+    return parser.parse_args(argv)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def build_rows(peak: dict[str, Any], llm: dict[str, Any] | None, cap: dict[str, Any] | None) -> tuple[list, dict]:
+    """Table rows ``(benchmark, figure, project, peer, ratio, goal, verdict)`` and flat metrics for MLflow."""
+    rows: list[tuple[str, ...]] = []
+    metrics: dict[str, float] = {"peak_fp32_gflops": peak["fp32"].median, "peak_bf16_gflops": peak["bf16"].median}
+    if llm:
+        sides = llm["sides"]
+        project = sides["project"]
+        flops = llm["flops_per_token"]
+        peak_llm = peak["bf16"] if llm["settings"]["bf16_autocast"] else peak["fp32"]
+        for peer, label in (("peer_a", "A: Trainer + PEFT"), ("peer_b", "B: TRL SFTTrainer defaults")):
+            if peer not in sides:
+                continue
+            other = sides[peer]
+            r = ratio(project["tokens_per_s"].median, other["tokens_per_s"].median)
+            goal = "≥ 1.3x" if peer == "peer_a" else ""
+            verdict = ("met" if r >= 1.3 else "not met") if peer == "peer_a" else ""
+            rows.append(("1 LLM LoRA fine-tuning", f"tokens/s vs peer {label}", project["tokens_per_s"].text("{:.0f}"),
+                         other["tokens_per_s"].text("{:.0f}"), f"{r:.2f}x", goal, verdict))
+            rows.append(("", f"s/step vs peer {peer[-1].upper()}", project["s_per_step"].text("{:.2f}"),
+                         other["s_per_step"].text("{:.2f}"),
+                         f"{ratio(other['s_per_step'].median, project['s_per_step'].median):.2f}x", "", ""))
+            rows.append(("", f"peak RSS MB vs peer {peer[-1].upper()}", project["peak_rss_mb"].text("{:.0f}"),
+                         other["peak_rss_mb"].text("{:.0f}"), "", "", ""))
+            diff = abs(project["eval_loss"].median - other["eval_loss"].median)
+            rows.append(("", f"final eval loss vs peer {peer[-1].upper()}", project["eval_loss"].text("{:.4f}"),
+                         other["eval_loss"].text("{:.4f}"), f"Δ {diff:.4f}", f"|Δ| ≤ {LOSS_TOLERANCE}",
+                         "met" if diff <= LOSS_TOLERANCE else "not met"))
+            metrics[f"llm_{peer}_tokens_per_s"] = other["tokens_per_s"].median
+            metrics[f"llm_{peer}_eval_loss"] = other["eval_loss"].median
+            metrics[f"llm_project_over_{peer}"] = r
+        metrics["llm_project_tokens_per_s"] = project["tokens_per_s"].median
+        metrics["llm_project_eval_loss"] = project["eval_loss"].median
+        for name, series in sides.items():
+            share = series["tokens_per_s"].median * flops / 1e9 / peak_llm.median
+            metrics[f"llm_{name}_peak_share"] = share
+            rows.append(("5 share of machine peak", f"LLM {name}: GFLOP/s (share of bf16 peak)"
+                         if llm["settings"]["bf16_autocast"] else f"LLM {name}: GFLOP/s (share of fp32 peak)",
+                         f"{series['tokens_per_s'].median * flops / 1e9:.1f} ({100 * share:.1f}%)", "", "", "", ""))
+    if cap:
+        train, beam = cap["train"], cap["beam"]
+        r = ratio(train["project"]["images_per_s"].median, train["peer"]["images_per_s"].median)
+        rows.append(("2 captioner training", "images/s per epoch (cached grids vs re-encoding)",
+                     train["project"]["images_per_s"].text("{:.0f}"), train["peer"]["images_per_s"].text("{:.1f}"),
+                     f"{r:.1f}x", "≥ 10x", "met" if r >= 10 else "not met"))
+        rows.append(("", "last batch loss (fp16 cache vs fp32 grids)", train["project"]["loss"].text("{:.3f}"),
+                     train["peer"]["loss"].text("{:.3f}"), "", "", ""))
+        b = ratio(beam["project"]["captions_per_s"].median, beam["peer"]["captions_per_s"].median)
+        n = cap["settings"]["beam_images"]
+        same = n - len(cap["beam_mismatches"])
+        rows.append(("3 beam search", f"captions/s at beam {cap['settings']['beam_size']} (batched vs per image)",
+                     beam["project"]["captions_per_s"].text("{:.0f}"), beam["peer"]["captions_per_s"].text("{:.1f}"),
+                     f"{b:.1f}x", "≥ 5x", "met" if b >= 5 else "not met"))
+        rows.append(("", "identical captions", f"{same}/{n}", "", "", f"{n}/{n}", "met" if same == n else "not met"))
+        metrics.update(caption_project_images_per_s=train["project"]["images_per_s"].median,
+                       caption_peer_images_per_s=train["peer"]["images_per_s"].median, caption_train_ratio=r,
+                       beam_project_captions_per_s=beam["project"]["captions_per_s"].median,
+                       beam_peer_captions_per_s=beam["peer"]["captions_per_s"].median, beam_ratio=b,
+                       beam_identical=float(same))
+        for name in ("project", "peer"):
+            gflops = train[name]["images_per_s"].median * cap["flops_per_image"][name] / 1e9
+            share = gflops / peak["fp32"].median
+            metrics[f"caption_{name}_peak_share"] = share
+            rows.append(("5 share of machine peak", f"captioner {name}: GFLOP/s (share of fp32 peak)",
+                         f"{gflops:.1f} ({100 * share:.1f}%)", "", "", "", ""))
+    rows.insert(0, ("5 machine peak", "matmul GFLOP/s fp32 / bf16 (2048², same threads)",
+                    f"{peak['fp32'].text('{:.0f}')} / {peak['bf16'].text('{:.0f}')}", "", "", "", ""))
+    return rows, metrics
+
+
+def render(rows: list, settings: dict[str, Any], seconds: float, tiny: bool) -> str:
+    header = ["benchmark", "figure", "project", "peer", "ratio", "goal", "verdict"]
+    lines = [f"# Benchmarks{' (tiny: checks the harness, not speed)' if tiny else ''}", "",
+             f"`make bench` ({'python -m benchmarks --tiny' if tiny else 'python -m benchmarks'}) on "
+             f"{settings['machine']}, {settings['threads']} torch threads, "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min. "
+             "Each figure: median ± half-range over alternating repetitions; ratio = project / peer "
+             "(s/step: peer / project).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["", "Settings:", "", "```json", json.dumps(settings, indent=1, default=str), "```", "",
+              "How figures are counted: tokens = non-padding tokens of every training forward (a forward pre-hook "
+              "sums `attention_mask`), over steps 2..N; s/step = median interval between step ends. "
+              "FLOPs = `torch.utils.flop_counter` on one training step (matmuls, convolutions, attention; forward "
+              "and backward; elementwise work not counted): for the LLM one LoRA forward+backward of the first "
+              "batch with the LM head over every position, per non-padding token, the same useful work for every "
+              "path; for the captioner one step of each side per image (the peer's includes the encoder forward). "
+              "Share = achieved FLOP/s / measured matmul peak (bf16 peak for bf16 autocast, else fp32).", ""]
+    return "\n".join(lines)
+
+
+def log_to_mlflow(uri: str, metrics: dict[str, float], settings: dict[str, Any], out: Path, tiny: bool) -> str:
+    import math
+
+    import mlflow
+
+    client_uri = uri
+    mlflow.set_tracking_uri(client_uri)
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="bench-tiny" if tiny else "bench") as run:
+        mlflow.set_tags({"llm_caption.pipeline": "benchmarks", "llm_caption.bench_size": "tiny" if tiny else "full"})
+        mlflow.log_params({k: str(v)[:500] for k, v in settings.items() if not isinstance(v, dict)})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(out.with_suffix(".json")))
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("benchmarks").setLevel(logging.INFO)
+    import torch
+
+    from .common import matmul_gflops
+
+    torch.set_num_threads(args.threads)
+    size = SIZES["tiny" if args.tiny else "full"]
+    started = time.perf_counter()
+    peak = {"fp32": matmul_gflops(torch.float32, seconds=size["peak_s"]),
+            "bf16": matmul_gflops(torch.bfloat16, seconds=size["peak_s"])}
+    print(f"matmul peak: fp32 {peak['fp32'].text()} GFLOP/s, bf16 {peak['bf16'].text()} GFLOP/s", flush=True)
+    llm_out = cap_out = None
+    if "llm" not in args.skip:
+        from . import llm
+
+        llm_out = llm.run(**size["llm"])
+    if "caption" not in args.skip:
+        from . import caption
+
+        cap_out = caption.run(**size["caption"])
+    if llm_out is not None:
+        # Re-measure the peak after the long runs as well: the machine is shared, the later figure may differ.
+        for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            peak[key].values += matmul_gflops(dtype, seconds=size["peak_s"]).values
+    seconds = time.perf_counter() - started
+    rows, metrics = build_rows(peak, llm_out, cap_out)
+    settings = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                "llm": llm_out["settings"] if llm_out else None, "caption": cap_out["settings"] if cap_out else None,
+                "llm_flops_per_token": llm_out["flops_per_token"] if llm_out else None,
+                "caption_flops_per_image": cap_out["flops_per_image"] if cap_out else None,
+                "beam_samples": cap_out["beam_samples"] if cap_out else None}
+    cpu = Path("/proc/cpuinfo")
+    if cpu.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpu.read_text().splitlines() if line.startswith("model name")]
+        if names:
+            settings["machine"] = f"{names[0]}, {len(names)} CPUs"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render(rows, settings, seconds, args.tiny)
+    out.write_text(text, encoding="utf-8")
+    raw = {"rows": rows, "metrics": metrics, "settings": settings, "seconds": seconds,
+           "series": {"llm": {n: {k: s.values for k, s in v.items()} for n, v in (llm_out or {}).get("sides", {}).items()},
+                      "caption_train": {n: {k: s.values for k, s in v.items()} for n, v in (cap_out or {}).get("train", {}).items()},
+                      "beam": {n: {k: s.values for k, s in v.items()} for n, v in (cap_out or {}).get("beam", {}).items()},
+                      "peak": {k: s.values for k, s in peak.items()}}}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
+    run_id = log_to_mlflow(uri, metrics, settings, out, args.tiny)
+    print(text)
+    print(f"\nwrote {out} and MLflow run {run_id} in {uri}")
+    if cap_out and cap_out["beam_mismatches"]:
+        print(f"ERROR: beam search outputs differ on images {cap_out['beam_mismatches']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Latency a user feels: cold command-line calls and the served captioner.
+
+    python -m benchmarks.latency [--chat-store sqlite:///mlruns/mlflow.db] [--reps 3] [--serve]
+
+* a temporary MLflow store gets a captioner registered as ``image-captioner@champion`` (the configured
+  Show-Attend-and-Tell sizes, the packaged EfficientNet-lite0 encoder, a vocabulary of Flickr8k captions;
+  its weights are not trained: latency does not depend on them);
+* ``python -m llm_caption.caption IMG`` and ``python -m llm_caption.chat "..."`` are timed as fresh processes
+  (wall time, ``reps`` each); the chat command uses ``persian-chat-adapter@champion`` of ``--chat-store``
+  (opened read-only: nothing is written to it);
+* ``--serve``: ``mlflow models serve --env-manager local`` on the captioner, then p50/p95 of single-image
+  requests and images/s of one 32-image request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def prepare_captioner_store(root: Path) -> tuple[str, list[Path]]:
+    """A sqlite store under ``root`` with ``image-captioner@champion``; its URI and a few Flickr8k images."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from llm_caption.captioning.encoder import build_encoder
+    from llm_caption.captioning.models import build_decoder
+    from llm_caption.captioning.pyfunc import log_captioner
+    from llm_caption.captioning.transforms import make_transform_spec
+
+    from .caption import _params, _vocab_and_tokens, image_captions
+
+    params = _params()
+    cfg = params["caption"]
+    paths, captions, _ = image_captions(40, 7)
+    vocab, _, _ = _vocab_and_tokens(captions, 20)
+    decoder_cfg = {k: v for k, v in cfg["decoders"]["show_attend_tell"].items() if k != "training"}
+    encoder, weights = build_encoder(cfg["encoder"])
+    torch.manual_seed(0)
+    decoder = build_decoder("show_attend_tell", len(vocab), encoder.out_channels, **decoder_cfg).eval()
+    config = {"architecture": "show_attend_tell", "decoder": decoder_cfg, "encoder": dict(cfg["encoder"]),
+              "transform_spec": make_transform_spec(params["data"].get("image_transform")),
+              "decoding": dict(cfg["decoding"]), "serving": dict(cfg.get("serving") or {})}
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("latency")
+    with mlflow.start_run():
+        model_uri = log_captioner(decoder, config, vocab.to_dict(), weights)
+    version = mlflow.register_model(model_uri, "image-captioner")
+    MlflowClient(uri).set_registered_model_alias("image-captioner", "champion", version.version)
+    return uri, paths[:32]
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({run.returncode}): {run.stderr[-1500:]}")
+    return seconds, run.stdout.strip()
+
+
+def cli_latency(store: str, image: Path, chat_store: str | None, reps: int) -> dict[str, list[float]]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KEDRO_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out: dict[str, list[float]] = {"caption": [], "chat": []}
+    for _ in range(reps):
+        seconds, text = timed([PYTHON, "-m", "llm_caption.caption", str(image), "--tracking-uri", store], ROOT, env)
+        out["caption"].append(seconds)
+        print(f"caption {seconds:.2f} s: {text[:120]}", flush=True)
+        if chat_store:
+            seconds, text = timed([PYTHON, "-m", "llm_caption.chat", "--model-uri",
+                                   "models:/persian-chat-adapter@champion", "--tracking-uri", chat_store,
+                                   "سلام، حالت چطوره؟"], ROOT, env)
+            out["chat"].append(seconds)
+            print(f"chat {seconds:.2f} s: {text[:120]}", flush=True)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, images: list[str]) -> tuple[float, dict]:
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        payload = json.loads(response.read())
+    return time.perf_counter() - start, payload
+
+
+def serve_latency(store: str, images: list[Path], singles: int = 20) -> dict[str, float]:
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/image-captioner@champion",
+                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/invocations"
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow models serve did not start")
+                time.sleep(0.5)
+        encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in images]
+        _post(url, encoded[:1])  # the first request warms the model up
+        singles_s = [_post(url, [encoded[i % len(encoded)]])[0] for i in range(singles)]
+        batch_s, payload = _post(url, encoded[:32])
+        assert len(payload["predictions"]) == min(32, len(encoded))
+        quantiles = statistics.quantiles(singles_s, n=20)
+        return {"p50_ms": 1000 * statistics.median(singles_s), "p95_ms": 1000 * quantiles[18],
+                "batch32_images_per_s": min(32, len(encoded)) / batch_s}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--chat-store", default=f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}",
+                        help="store holding persian-chat-adapter@champion ('' skips the chat command)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--serve", action="store_true")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="llm_caption_latency_") as tmp:
+        store, images = prepare_captioner_store(Path(tmp))
+        figures: dict = {"cli": cli_latency(store, images[0], args.chat_store or None, args.reps)}
+        if args.serve:
+            figures["serve"] = serve_latency(store, images)
+    summary = {k: f"median {statistics.median(v):.2f} s of {v}" for k, v in figures["cli"].items() if v}
+    print(json.dumps({"cli": summary, "serve": figures.get("serve")}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
