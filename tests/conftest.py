@@ -115,6 +115,18 @@ def run_pipeline(project: Path, pipeline: str | None = None, env: str = "smoke",
             mlflow.end_run()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the module (restored afterwards): on a shared 2-core CPU more threads thrash.
+    Modules that train or decode ask for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An empty MLflow sqlite store, created once (schema migrations take seconds); tests copy it."""
@@ -123,3 +135,15 @@ def empty_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
     return path
+
+
+def start_run_in_current_store(experiment: str = "tests"):
+    """``mlflow.start_run`` in a new experiment of the current tracking store.
+
+    A Kedro session earlier in the same process leaves its experiment active (kedro-mlflow calls
+    ``mlflow.set_experiment``); a plain ``start_run()`` against another store would look that id up there
+    and fail ("No Experiment with id=1 exists").
+    """
+    import mlflow
+
+    return mlflow.start_run(experiment_id=mlflow.create_experiment(experiment))

@@ -1,18 +1,21 @@
-"""Project hooks: check the MLflow store before anything runs, and keep ``MLFLOW_TRACKING_URI`` as the user set it."""
+"""Project hooks: check the MLflow store before anything runs, keep ``MLFLOW_TRACKING_URI`` as the user set it,
+and run each node with the torch thread count its parameters ask for."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 from kedro.framework.hooks import hook_impl
 
-from .tracking import TRACKING_URI_ENV, TrackingStoreUnreachable, check_tracking_store
+from .tracking import TRACKING_URI_ENV, TrackingStoreUnreachable, check_tracking_store, configured_tracking_uri
 
 if TYPE_CHECKING:  # importing kedro.framework.context configures Kedro's logging: not at settings import
     from kedro.framework.context import KedroContext
+    from kedro.pipeline.node import Node
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +40,11 @@ class TrackingStoreHook:
     def after_context_created(self, context: KedroContext) -> None:
         """Resolve the run's tracking URI from ``mlflow.yml`` (``$MLFLOW_TRACKING_URI`` wins) and check it."""
         self.variable_before = os.environ.get(TRACKING_URI_ENV)
-        server = (context.config_loader["mlflow"] or {}).get("server") or {}
-        uri = server.get("mlflow_tracking_uri")
+        uri = configured_tracking_uri(context.config_loader["mlflow"])
         if not uri:
             return
         try:
-            check_tracking_store(str(uri), self.timeout_s)
+            check_tracking_store(uri, self.timeout_s)
         except TrackingStoreUnreachable as err:
             raise TrackingStoreError(str(err)) from None
         logger.info("MLflow tracking store: %s", uri)
@@ -68,3 +70,47 @@ class TrackingVariableHook:
             os.environ.pop(TRACKING_URI_ENV, None)
         else:
             os.environ[TRACKING_URI_ENV] = before
+
+
+class TorchThreadsHook:
+    """Run a node with ``torch_num_threads`` intra-op threads when a parameter block it reads names one, and
+    put torch's thread count back afterwards (also when the node fails).
+
+    One key for both studies (``caption_training.torch_num_threads``, ``llm_finetuning.torch_num_threads``);
+    ``null`` leaves torch's default (all cores). 1 avoids thread thrashing on a shared CPU.
+    """
+
+    def __init__(self) -> None:
+        self._before: dict[str, int] = {}
+
+    @staticmethod
+    def requested(inputs: dict[str, Any]) -> int | None:
+        """The thread count asked for by the node's ``params:...`` inputs, if any."""
+        for name, value in inputs.items():
+            if name.startswith("params:") and isinstance(value, Mapping) and value.get("torch_num_threads"):
+                return int(value["torch_num_threads"])
+        return None
+
+    @hook_impl
+    def before_node_run(self, node: Node, inputs: dict[str, Any]) -> None:
+        threads = self.requested(inputs)
+        if threads:
+            import torch
+
+            self._before[node.name] = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def _restore(self, node: Node) -> None:
+        before = self._before.pop(node.name, None)
+        if before is not None:
+            import torch
+
+            torch.set_num_threads(before)
+
+    @hook_impl
+    def after_node_run(self, node: Node) -> None:
+        self._restore(node)
+
+    @hook_impl
+    def on_node_error(self, node: Node) -> None:
+        self._restore(node)

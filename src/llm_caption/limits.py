@@ -1,4 +1,5 @@
-"""Checks shared by the request limits of the served models (captioner ``ServingLimits``, chat ``ChatLimits``)."""
+"""Checks shared by dataclass configurations read from parameters: the request limits of the served models
+(captioner ``ServingLimits``, chat ``ChatLimits``) and the caption study's ``TrainConfig`` and ``SceneConfig``."""
 
 from __future__ import annotations
 

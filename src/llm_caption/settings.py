@@ -4,7 +4,7 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from llm_caption.hooks import TrackingStoreHook, TrackingVariableHook
+from llm_caption.hooks import TorchThreadsHook, TrackingStoreHook, TrackingVariableHook
 from llm_caption.tracking import resolve_tracking_uri
 
 # No command should wait on a telemetry call to the network.
@@ -16,9 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Checks the MLflow store before kedro-mlflow's hook touches it (fails in seconds, naming the URI),
-# then keeps $MLFLOW_TRACKING_URI as the user set it for the next session in the same process.
+# then keeps $MLFLOW_TRACKING_URI as the user set it for the next session in the same process; runs each
+# node with the torch thread count of its parameters (torch_num_threads) and restores it afterwards.
 _TRACKING_STORE_HOOK = TrackingStoreHook()
-HOOKS = (_TRACKING_STORE_HOOK, TrackingVariableHook(_TRACKING_STORE_HOOK))
+HOOKS = (_TRACKING_STORE_HOOK, TrackingVariableHook(_TRACKING_STORE_HOOK), TorchThreadsHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -1,9 +1,12 @@
-"""Small MLflow helpers shared by the pipelines.
+"""The project's one entry point to MLflow runs: child runs, what is logged on them, which store.
 
-kedro-mlflow opens one MLflow run per ``kedro run`` (the *pipeline run*). Work that
-deserves its own run -- one fine-tuning method, one captioning architecture -- opens a
-*child run* nested under it with :func:`child_run`, so the MLflow UI groups them.
-Outside a Kedro run (tests, notebooks) a child run is simply a top-level run.
+kedro-mlflow opens one MLflow run per ``kedro run`` (the *pipeline run*) and logs the datasets
+the catalog wraps. Work that deserves its own run -- one fine-tuning method, one captioning
+architecture -- opens a *child run* nested under it with :func:`child_run`, so the MLflow UI
+groups them. Outside a Kedro run (tests, notebooks) a child run is simply a top-level run.
+Domain code does not import ``mlflow``: a training loop takes a callback (:func:`epoch_logger`),
+an experiment calls the helpers here (:func:`log_metrics`, :func:`reopen_run`,
+:func:`log_metrics_to_run`).
 
 :func:`tracking_uri` answers "which store?" the same way for ``kedro run`` and the command-line
 tools (``$MLFLOW_TRACKING_URI`` wins over ``mlflow.yml``), and :func:`check_tracking_store` fails
@@ -14,13 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,98 @@ def child_run(name: str, tags: Mapping[str, str] | None = None, params: Mapping[
         logger.info("MLflow run %s (%s)%s", name, run.info.run_id,
                     f" nested under {parent.info.run_id}" if parent else "")
         yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log ``metrics`` (as floats) on the active run; nothing outside a run."""
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_history(history: Sequence[Mapping[str, float]], step_key: str = "epoch") -> None:
+    """Log each record of a loss history on the active run at step ``record[step_key]``."""
+    for record in history:
+        log_metrics({k: v for k, v in record.items() if k != step_key}, step=int(record[step_key]))
+
+
+def epoch_logger(step_key: str = "epoch") -> Callable[[int, Mapping[str, float], str | None], None]:
+    """The ``on_epoch_end(epoch, record, sample)`` callback of a training loop: the epoch's figures as metrics
+    at step ``epoch`` and the sample caption as ``samples/epoch_NNN.txt`` of the active run."""
+    def on_epoch_end(epoch: int, record: Mapping[str, float], sample: str | None) -> None:
+        if mlflow.active_run() is None:
+            return
+        log_metrics({k: v for k, v in record.items() if k != step_key}, step=epoch)
+        if sample is not None:  # None: an epoch restored from a checkpoint (its sample was logged when it ran)
+            mlflow.log_text(sample + "\n", f"samples/epoch_{epoch:03d}.txt")
+
+    return on_epoch_end
+
+
+def run_exists(run_id: object, owner: str) -> bool:
+    """Whether ``run_id`` names a run of the current store; warns (naming ``owner``) when it does not."""
+    if run_id is None or (isinstance(run_id, float) and math.isnan(run_id)) or not str(run_id).strip():
+        logger.warning("%s has no MLflow run id", owner)
+        return False
+    try:
+        MlflowClient().get_run(str(run_id))
+    except MlflowException:
+        logger.warning("%s: MLflow run %s is not in the store %s", owner, run_id, mlflow.get_tracking_uri())
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def reopen_run(run_id: str | None, owner: str) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the model's own run ``run_id`` (nested under the active run, if any) to log more on it; when the
+    store does not hold it, a new run named ``register-<owner>`` instead."""
+    known = run_exists(run_id, owner)
+    with mlflow.start_run(run_id=str(run_id) if known else None, nested=mlflow.active_run() is not None,
+                          run_name=None if known else f"register-{owner}") as run:
+        yield run
+
+
+def log_metrics_to_run(run_id: str | None, metrics: Mapping[str, float], owner: str,
+                       client: MlflowClient | None = None) -> bool:
+    """Log finite ``metrics`` on run ``run_id``; warn (naming ``owner``) and return False when the run is unknown."""
+    if run_id is None or (isinstance(run_id, float) and math.isnan(run_id)) or not str(run_id).strip():
+        logger.warning("%s has no MLflow run id: its evaluation metrics stay on the evaluation run only", owner)
+        return False
+    client = client or MlflowClient()
+    try:
+        client.get_run(str(run_id))
+    except MlflowException:
+        logger.warning("%s: MLflow run %s not found in this store: metrics not logged on it", owner, run_id)
+        return False
+    for key, value in metrics.items():
+        if value is not None and math.isfinite(float(value)):
+            client.log_metric(str(run_id), key, float(value))
+    return True
+
+
+def caption_metrics_by_run(caption_metrics: pd.DataFrame, model_results: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``{architecture: {"test_coco_bleu_4": ..., ...}}`` from the long ``caption_metrics`` table."""
+    out: dict[str, dict[str, float]] = {str(a): {} for a in model_results["architecture"]}
+    for row in caption_metrics.itertuples(index=False):
+        out.setdefault(str(row.architecture), {})[f"{row.split}_{row.metric}"] = float(row.value)
+    return out
+
+
+def chat_metrics_by_run(chat_metrics: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """``{method: {"test_chrf": ..., ...}}`` from the ``after`` rows of ``chat_metrics``."""
+    out: dict[str, dict[str, float]] = {}
+    after = chat_metrics[chat_metrics["stage"] == "after"]
+    for row in after.to_dict(orient="records"):
+        out[str(row["method"])] = {f"test_{k}": float(v) for k, v in row.items()
+                                   if k not in ("method", "stage") and pd.notna(v)}
+    return out
+
+
+def active_run_info() -> tuple[str, str | None]:
+    """(run id, ``env`` tag) of the active run; a placeholder id and ``None`` outside an MLflow run."""
+    run = mlflow.active_run()
+    if run is None:
+        return "none (no active MLflow run)", None
+    return run.info.run_id, MlflowClient().get_run(run.info.run_id).data.tags.get("env")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,8 +201,15 @@ def tracking_uri(env: str | None = None, project_dir: str | Path = ".") -> str:
     with warnings.catch_warnings():  # omegaconf's deprecation notice for Kedro's own resolvers
         warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")
         loader = OmegaConfigLoader(conf_source=str(conf), env=env, **CONFIG_LOADER_ARGS)
-        server = (loader["mlflow"] or {}).get("server") or {}
-    return server.get("mlflow_tracking_uri") or resolve_tracking_uri(DEFAULT_TRACKING_URI)
+        configured = configured_tracking_uri(loader["mlflow"])
+    return configured or resolve_tracking_uri(DEFAULT_TRACKING_URI)
+
+
+def configured_tracking_uri(mlflow_conf: Mapping[str, Any] | None) -> str | None:
+    """``server.mlflow_tracking_uri`` of a loaded ``mlflow.yml`` (resolvers applied), else ``None``."""
+    server = (mlflow_conf or {}).get("server") or {}
+    uri = server.get("mlflow_tracking_uri")
+    return str(uri) if uri else None
 
 
 def _http_get(url: str, timeout_s: float) -> tuple[int, bytes] | str:

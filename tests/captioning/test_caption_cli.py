@@ -8,8 +8,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
+from caption_fixtures import tiny_captioner
 from llm_caption.captioning.pyfunc import log_captioner
+from conftest import start_run_in_current_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,7 @@ def logged(tmp_path_factory):
         patch.chdir(root)
         mlflow.set_tracking_uri(tracking)
         try:
-            # An experiment of this store: an earlier test's active experiment id names another store's.
-            with mlflow.start_run(experiment_id=mlflow.create_experiment("cli")):
+            with start_run_in_current_store():
                 uri = log_captioner(cap["decoder"], cap["config"], cap["vocab"], cap["encoder_weights"],
                                     serving={"max_rows": 2})
             model = mlflow.pyfunc.load_model(uri)

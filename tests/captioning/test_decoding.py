@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from llm_caption.captioning.decoding import EOS, beam_search, decode_batched, greedy_decode, ids_to_words
-from caption_fixtures import one_torch_thread  # noqa: F401
 from llm_caption.captioning.models import DECODERS, build_decoder, caption_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {
     "show_tell": {"embed_dim": 24, "hidden_dim": 48, "dropout": 0.0},

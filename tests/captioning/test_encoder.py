@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from caption_fixtures import one_torch_thread  # noqa: F401
 from llm_caption.captioning.encoder import ENCODERS, build_encoder, encoder_fingerprint, load_state_dict_in_order, pool
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from caption_fixtures import solid_image, one_torch_thread  # noqa: F401
+from caption_fixtures import solid_image
 from llm_caption.captioning.encoder import build_encoder, encoder_fingerprint
 from llm_caption.captioning.features import FeatureCache
 from llm_caption.captioning.transforms import build_transform, make_transform_spec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPEC = make_transform_spec({"image_size": 64})
 

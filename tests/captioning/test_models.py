@@ -2,11 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: F401
+from caption_fixtures import make_caption_inputs
 from llm_caption.captioning.encoder import build_encoder
 from llm_caption.captioning.features import extract_features
-from llm_caption.captioning.models import DECODERS, build_decoder, caption_loss, count_parameters
+from llm_caption.captioning.models import DECODERS, build_decoder, caption_loss
+from llm_caption.common import count_parameters
 from llm_caption.captioning.transforms import build_transform
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {
     "show_tell": {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.0},
@@ -39,7 +42,7 @@ def test_each_architecture_overfits_ten_images(arch, ten_images):
     feats, tokens, vocab = ten_images
     torch.manual_seed(0)
     model = build_decoder(arch, vocab, feats.shape[-1], **TINY[arch])
-    assert count_parameters(model) > 0
+    assert count_parameters(model)[0] > 0
     start = _cross_entropy(model, feats, tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()

@@ -4,8 +4,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
+from caption_fixtures import tiny_captioner
 from llm_caption.captioning.pyfunc import ServingLimits, log_captioner
+from conftest import start_run_in_current_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +20,7 @@ def test_pyfunc_round_trip_base64_and_bad_rows(captioner, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        with mlflow.start_run():
+        with start_run_in_current_store():
             uri = log_captioner(captioner["decoder"], captioner["config"], captioner["vocab"],
                                 captioner["encoder_weights"])
         model = mlflow.pyfunc.load_model(uri)

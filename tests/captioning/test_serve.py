@@ -12,13 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
+from caption_fixtures import tiny_captioner
 from test_untrusted_requests import bomb_png
 from llm_caption.captioning.pyfunc import log_captioner
 from llm_caption.registry import register_and_promote
 from servers import free_port, stop_group, wait_for_http
+from conftest import start_run_in_current_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -46,7 +47,7 @@ def test_mlflow_models_serve_captions_an_image(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     try:
         cap = tiny_captioner(tmp_path / "data")
-        with mlflow.start_run():
+        with start_run_in_current_store():
             model_uri = log_captioner(cap["decoder"], cap["config"], cap["vocab"], cap["encoder_weights"],
                                       serving={"max_rows": 3})
         decision = register_and_promote(model_uri, "image-captioner", "val_bleu4", 0.5, True, "split-a")

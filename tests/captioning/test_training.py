@@ -8,12 +8,14 @@ import textwrap
 import pytest
 import torch
 
-from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: F401
+from caption_fixtures import make_caption_inputs
 from llm_caption.captioning.encoder import build_encoder
 from llm_caption.captioning.features import extract_features
 from llm_caption.captioning.models import build_decoder
 from llm_caption.captioning.training import CaptionData, CaptionSplit, TrainConfig, train_captioner
 from llm_caption.captioning.transforms import build_transform
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCH = "cnn_transformer"
 KWARGS = {"d_model": 32, "nhead": 2, "num_layers": 1, "dim_feedforward": 64, "dropout": 0.2}
@@ -87,7 +89,7 @@ def _assert_same_as_full(full_run, result, model):
 
 CHILD_PRELUDE = textwrap.dedent("""
     import os, signal, sys, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {helpers!r}]
     from test_training import load_data
     from llm_caption.captioning.models import build_decoder
     from llm_caption.captioning.training import TrainConfig, train_captioner
@@ -95,10 +97,11 @@ CHILD_PRELUDE = textwrap.dedent("""
     data = load_data(sys.argv[1])
     torch.manual_seed(0)
     model = build_decoder({arch!r}, len(data.itos), 1280, **{kwargs!r})
-""").format(tests=os.path.dirname(__file__), arch=ARCH, kwargs=KWARGS)
+""").format(tests=os.path.dirname(__file__), helpers=os.path.dirname(os.path.dirname(__file__)), arch=ARCH,
+           kwargs=KWARGS)
 
 KILLED_AFTER_EPOCH_2 = CHILD_PRELUDE + textwrap.dedent("""
-    def kill(epoch, record):
+    def kill(epoch, record, sample):
         if epoch == 2:
             os.kill(os.getpid(), signal.SIGKILL)
     train_captioner(model, data, TrainConfig(**{cfg!r}), sys.argv[2], on_epoch_end=kill)

@@ -12,8 +12,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from caption_fixtures import tiny_captioner, one_torch_thread  # noqa: F401
+from caption_fixtures import tiny_captioner
 from llm_caption.captioning.pyfunc import ServingLimits, log_captioner, open_image_bytes
+from conftest import start_run_in_current_store
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LIMITS = {"max_rows": 4, "batch_size": 2}
 
@@ -43,7 +46,7 @@ def model(captioner, tmp_path_factory):
         patch.chdir(root)  # the artifact store (./mlruns) lands in the temporary folder
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
         try:
-            with mlflow.start_run():
+            with start_run_in_current_store():
                 uri = log_captioner(captioner["decoder"], captioner["config"], captioner["vocab"],
                                     captioner["encoder_weights"], serving=LIMITS)
             return mlflow.pyfunc.load_model(uri)
@@ -81,7 +84,7 @@ def test_a_bomb_is_refused_from_its_header_without_allocating_its_pixels():
     """Peak memory of a fresh process that is sent the 12000x12000 PNG: the pixels (~576 MB) are never allocated."""
     script = (
         "import base64, resource, sys\n"
-        "sys.path.insert(0, sys.argv[1])\n"
+        "sys.path[:0] = sys.argv[1:3]\n"
         "from test_untrusted_requests import bomb_png\n"
         "from llm_caption.captioning.pyfunc import ServingLimits, decode_request_value, open_image_bytes\n"
         "limits = ServingLimits()\n"
@@ -94,7 +97,8 @@ def test_a_bomb_is_refused_from_its_header_without_allocating_its_pixels():
         "print('grew_mb', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
     import os
-    run = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
+    here = os.path.dirname(__file__)
+    run = subprocess.run([sys.executable, "-c", script, here, os.path.dirname(here)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "refused: image is 12000x12000" in run.stdout

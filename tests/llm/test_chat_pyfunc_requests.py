@@ -25,6 +25,7 @@ from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # no
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from servers import free_port, stop_group, wait_for_http  # noqa: E402
+from conftest import start_run_in_current_store
 
 GENERATION = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.2}
 LIMITS = {"max_conversations": 2, "max_new_tokens": 16}
@@ -42,7 +43,7 @@ def logged(base_model, tokenizer, model_spec, finetuning_cfg, tmp_path, monkeypa
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking)
     try:
-        with mlflow.start_run():
+        with start_run_in_current_store():
             info = log_chat_model(adapter, GENERATION, pip_requirements=["mlflow"], limits=LIMITS)
         loaded = mlflow.pyfunc.load_model(info.model_uri)
     finally:

@@ -12,11 +12,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "captioning"))
-from caption_fixtures import make_caption_inputs, one_torch_thread  # noqa: E402,F401
-from conftest import data_root, run_pipeline, store_uri  # noqa: E402
+from caption_fixtures import make_caption_inputs
+from conftest import data_root, run_pipeline, store_uri
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 ARCHS = ["show_tell", "show_attend_tell", "cnn_transformer"]
 # A serving limit unlike the default (64 rows): the registered model must carry what the parameters say.
 SERVING = {"caption_training": {"serving": {"max_rows": 2}}}
@@ -54,7 +53,8 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     assert results["architecture"].tolist() == ARCHS
     assert list(results.columns) == ["architecture", "params", "epochs_run", "epoch_time_cached_s",
                                      "epoch_time_uncached_s", "final_train_loss", "final_val_loss",
-                                     "best_val_bleu4", "train_time_s", "mlflow_run_id", "checkpoint_path"]
+                                     "best_val_bleu4", "train_time_s", "mlflow_run_id", "eval_split"]
+    assert results["eval_split"].nunique() == 1
     assert (results["epochs_run"] == 2).all() and (results["params"] > 0).all()
     assert (results["epoch_time_uncached_s"] > results["epoch_time_cached_s"]).all()
     history = pd.read_csv(out / "caption_loss_history.csv")
@@ -78,6 +78,9 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     champion = client.get_model_version_by_alias("image-captioner", "champion")
     assert str(champion.version) == "1" and champion.tags["metric_name"] == "val_bleu4"
     assert champion.tags["champion_decision"] == "promoted: no champion yet"
+    # The validation split is fingerprinted once, by training, and the registry records that fingerprint.
+    assert champion.tags["eval_split"] == results["eval_split"][0]
+    assert {f"{a}/best.pt" for a in ARCHS} <= files_under(smoke / "06_models/caption_training")
 
     # Second run: the checkpoints are complete, so it resumes without training and ties the champion.
     run_pipeline(kedro_project, "caption_training", env="smoke", params=SERVING)
@@ -126,7 +129,7 @@ def load_champion(uri: str):
 
 
 def test_bad_caption_rows_are_named(tmp_path):
-    from llm_caption.pipelines.caption_training.nodes import _validate_captions
+    from llm_caption.captioning.experiment import validate_captions as _validate_captions
 
     inputs = make_caption_inputs(tmp_path, n_images=4, image_size=32)
     captions = inputs["captions_encoded"].reset_index(drop=True)
@@ -144,3 +147,22 @@ def test_bad_caption_rows_are_named(tmp_path):
     big.at[1, "token_ids"] = [1, vocab + 5] + [0] * (len(big.at[1, "token_ids"]) - 2)
     with pytest.raises(ValueError, match="row 1 .*outside the vocabulary"):
         _validate_captions(big, vocab)
+
+
+def test_torch_threads_hook_sets_and_restores_the_thread_count():
+    import torch
+    from kedro.pipeline import node
+
+    from llm_caption.hooks import TorchThreadsHook
+
+    hook, before = TorchThreadsHook(), torch.get_num_threads()
+    step = node(lambda params: params, "params:caption_training", "out", name="step")
+    wanted = 1 if before != 1 else 2
+    hook.before_node_run(step, {"params:caption_training": {"torch_num_threads": wanted}})
+    assert torch.get_num_threads() == wanted
+    hook.on_node_error(step)
+    assert torch.get_num_threads() == before
+    hook.before_node_run(step, {"params:caption_training": {"torch_num_threads": None}, "other": 3})
+    assert torch.get_num_threads() == before
+    hook.after_node_run(step)
+    assert torch.get_num_threads() == before

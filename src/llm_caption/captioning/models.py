@@ -197,11 +197,6 @@ def build_decoder(architecture: str, vocab_size: int, feature_dim: int, pad_id: 
     return DECODERS[architecture](vocab_size=vocab_size, feature_dim=feature_dim, pad_id=pad_id, **kwargs)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def caption_loss(model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor,
                  label_smoothing: float = 0.0) -> torch.Tensor:
     """Teacher-forced cross-entropy of ``tokens`` (``<sos> ... <eos> <pad>...``) ignoring ``<pad>``, plus the regulariser."""

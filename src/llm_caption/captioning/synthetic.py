@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..limits import config_values
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
@@ -89,11 +91,9 @@ class SceneConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], seed: int) -> "SceneConfig":
         """Config from a parameter mapping; unknown keys are an error (typos should not pass)."""
-        known = {f for f in cls.__dataclass_fields__ if f != "seed"}
-        unknown = set(params) - known - {"out_dir"}
-        if unknown:
-            raise ValueError(f"caption_data.synthetic: unknown keys {sorted(unknown)}; known: {sorted(known | {'out_dir'})}")
-        kwargs: dict[str, Any] = {k: params[k] for k in known if k in params}
+        if "seed" in params:
+            raise ValueError("caption_data.synthetic: unknown keys ['seed'] (the seed is the project's params:seed)")
+        kwargs = config_values(cls, {k: v for k, v in params.items() if k != "out_dir"}, "caption_data.synthetic")
         if "shapes" in kwargs:
             kwargs["shapes"] = tuple(kwargs["shapes"])
         if "split_shares" in kwargs:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..limits import config_values
 from .decoding import decode_batched, ids_to_words
 from .models import caption_loss
 
@@ -76,11 +76,7 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], seed: int | None = None) -> "TrainConfig":
         """Config from parameters; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(params) - known
-        if unknown:
-            raise ValueError(f"training parameters: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(params)
+        values = config_values(cls, params, "training parameters")
         if seed is not None and "seed" not in values:
             values["seed"] = int(seed)
         return cls(**values)
@@ -347,10 +343,13 @@ def _best_file_matches(best_path: Path, epoch: int) -> bool:
 
 def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, checkpoint_dir: str | Path,
                     name: str = "captioner", resume: bool = True,
-                    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train ``model`` on ``data``; checkpoints in ``checkpoint_dir``; metrics go to the active MLflow run, if any.
+                    on_epoch_end: Callable[[int, dict[str, float], str | None], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``data``; checkpoints in ``checkpoint_dir``.
 
-    Returns the history and the best checkpoint; ``model`` holds the best weights afterwards.
+    ``on_epoch_end(epoch, record, sample)`` is called after every epoch with its history record and a
+    sample caption, and once per epoch restored from a checkpoint (``sample`` ``None``): that is where a
+    caller logs to MLflow (:func:`llm_caption.tracking.epoch_logger`). Returns the history and the best
+    checkpoint; ``model`` holds the best weights afterwards.
     """
     ckpt_dir = Path(checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -369,9 +368,9 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         progress, optimizer, scheduler = _resume(ckpt_dir, fingerprint, name, model, make_optim, cfg.seed)
     else:
         progress, (optimizer, scheduler) = _Progress(), make_optim()
-    if progress.source is not None and mlflow.active_run() is not None:
+    if progress.source is not None and on_epoch_end is not None:
         for record in progress.history:
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+            on_epoch_end(int(record["epoch"]), record, None)
     history, best, best_epoch = progress.history, progress.best, progress.best_epoch
     best_model, bad_epochs, stopped = progress.best_model, progress.bad_epochs, progress.stopped
     start_epoch = progress.epoch + 1
@@ -427,11 +426,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         sample = f"Pred: {hyps[0] if hyps else ''} / GT: {bleu_refs[0][0] if bleu_refs else ''}"
         logger.info("%s epoch %d: train %.4f val %.4f BLEU-4 %.4f lr %.2e (%.1fs) %s", name, epoch, train_loss,
                     val_loss, val_bleu, lr, record["epoch_time_s"], sample)
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            mlflow.log_text(sample + "\n", f"samples/epoch_{epoch:03d}.txt")
         if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
+            on_epoch_end(epoch, record, sample)
         if stopped:
             logger.info("%s: early stop after epoch %d (no BLEU-4 gain for %d epochs)", name, epoch, cfg.patience)
     if best_model is not None:

@@ -13,11 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decoding import EOS as EOS_ID
+from .decoding import PAD as PAD_ID
+from .decoding import SOS as SOS_ID
+from .decoding import SPECIAL_TOKENS, ids_to_words
+from .decoding import UNK as UNK_ID
 from .text import tokenize
 
-PAD, SOS, EOS, UNK = "<pad>", "<sos>", "<eos>", "<unk>"
-SPECIAL_TOKENS = (PAD, SOS, EOS, UNK)
-PAD_ID, SOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD, SOS, EOS, UNK = SPECIAL_TOKENS  # the words; their ids are decoding's PAD, SOS, EOS, UNK (0..3)
 
 
 @dataclass
@@ -114,12 +117,6 @@ class Vocabulary:
         Accepts any sequence of ints (list, numpy array, 1-D tensor). Returns a string
         (words joined by spaces) or, with ``join=False``, the list of words.
         """
-        words: list[str] = []
-        for raw in ids:
-            i = int(raw)
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, SOS_ID):
-                continue
-            words.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
+        known = [int(i) if 0 <= int(i) < len(self.itos) else UNK_ID for i in ids]
+        words = ids_to_words(known, self.itos)
         return " ".join(words) if join else words

@@ -336,3 +336,22 @@ def evaluate_captions(predictions: pd.DataFrame, scorers: Iterable[str],
     metrics = pd.DataFrame(rows, columns=["architecture", "split", "metric", "value", "implementation"])
     per_image = pd.DataFrame(list(per_image_rows.values()))
     return metrics.sort_values(["architecture", "split", "metric"], kind="stable").reset_index(drop=True), per_image
+
+
+def score_splits(predictions: pd.DataFrame, scorers: Iterable[str], splits: Iterable[str] | None = None,
+                 meteor_timeout_s: float = 300.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`evaluate_captions` on the rows of ``splits`` (all splits when empty); the per-image table also
+    carries each image's ``image_path`` when the predictions have one."""
+    splits = list(splits or [])
+    frame = predictions
+    if splits:
+        frame = frame[frame["split"].isin(splits)]
+        if frame.empty:
+            raise ValueError(f"caption_predictions has no rows for splits {splits}; "
+                             f"it has {sorted(predictions['split'].unique())}")
+    metrics, per_image = evaluate_captions(frame, scorers, meteor_timeout_s)
+    if "image_path" in predictions.columns:
+        keys = ["architecture", "split", "image_id"]
+        paths = predictions.drop_duplicates(keys)[keys + ["image_path"]]
+        per_image = per_image.merge(paths, on=keys, how="left")
+    return metrics, per_image

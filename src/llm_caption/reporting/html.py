@@ -18,6 +18,8 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from .tables import BASE_ROW
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
@@ -150,3 +152,90 @@ def render_report(context: Mapping[str, Any], template: str = "report.html.jinja
 def generated_at() -> str:
     """UTC time stamp for the report header."""
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def chat_samples(generations: pd.DataFrame, per_method: int) -> list[dict[str, str]]:
+    """Test answers shown in the report: the base model's first ``per_method`` (before), then each method's."""
+    test = generations[generations["prompt_kind"] == "test"].fillna({"answer": "", "reference": "", "prompt": ""})
+    test = test.sort_values(["stage", "method"], kind="stable")
+    samples = []
+    before = test[test["stage"] == "before"]
+    if not before.empty:
+        first = before.groupby("prompt", sort=False).head(1).head(per_method)
+        samples += [{"method": "base model", "stage": "before", "prompt": str(r.prompt),
+                     "answer": str(r.answer), "reference": str(r.reference)} for r in first.itertuples()]
+    for method, group in test[test["stage"] == "after"].groupby("method", sort=True):
+        samples += [{"method": str(method), "stage": "after", "prompt": str(r.prompt), "answer": str(r.answer),
+                     "reference": str(r.reference)} for r in group.head(per_method).itertuples()]
+    return samples
+
+
+def _sizes(params: Mapping[str, Any], chat_table: pd.DataFrame, caption_table: pd.DataFrame, untrained: list[str],
+           caption_predictions: pd.DataFrame, llm_generations: pd.DataFrame,
+           reports: Mapping[str, Mapping[str, Any] | None]) -> list[tuple[str, Any]]:
+    """The setup table: how many methods, architectures, images and answers the run measured."""
+    split = params["caption_split"]
+    answers_per_method = llm_generations[(llm_generations["prompt_kind"] == "test")
+                                         & (llm_generations["stage"] == "after")].groupby("method").size()
+    test_preds = caption_predictions[caption_predictions["split"] == split]
+    sizes = [
+        ("chat fine-tuning methods (without the untrained base model)",
+         int((~chat_table["method"].isin([BASE_ROW, *untrained])).sum())),
+        ("chat test answers scored per method", int(answers_per_method.max()) if len(answers_per_method) else 0),
+        ("captioning architectures", len(caption_table)),
+        *[(f"caption {s} images scored", int(caption_predictions[caption_predictions["split"] == s]["image_id"].nunique()))
+          for s in sorted(caption_predictions["split"].unique())],
+        (f"reference captions per {split} image (mean)",
+         fmt(float(test_preds["references"].map(len).mean())) if len(test_preds) else "n/a"),
+    ]
+    for entry in params.get("data_sizes", []):
+        value = lookup(reports.get(entry["report"]), entry["key"])
+        sizes.append((entry["label"], "n/a (not in " + entry["report"] + ")" if value is None else value))
+    return sizes
+
+
+def figure_sections(params: Mapping[str, Any], figures: Mapping[str, bytes | None]) -> dict[str, list[dict[str, Any]]]:
+    """``{"chat"|"caption"|"eda": [{"title", "uri"}]}`` in the order of ``params["figures"]``."""
+    sections: dict[str, list[dict[str, Any]]] = {"chat": [], "caption": [], "eda": []}
+    for name, spec in params["figures"].items():
+        if name not in figures:
+            raise KeyError(f"reporting.figures names {name!r}, which is not an input of build_report")
+        sections[spec["section"]].append({"title": spec["title"], "uri": png_data_uri(figures[name])})
+    return sections
+
+
+def build_report_context(params: Mapping[str, Any], seed: int, run_id: str, env: str | None, *,
+                         chat_table: pd.DataFrame, caption_table: pd.DataFrame, chat_table_html: str,
+                         caption_table_html: str, caption_metrics: pd.DataFrame,
+                         caption_per_image_scores: pd.DataFrame, caption_predictions: pd.DataFrame,
+                         llm_generations: pd.DataFrame, chat_data_report: Mapping[str, Any] | None,
+                         caption_data_report: Mapping[str, Any] | None,
+                         figures: Mapping[str, bytes | None]) -> dict[str, Any]:
+    """Every value the report template shows, from the run's datasets (``run_id``/``env``: the MLflow run)."""
+    # Rows without trainable parameters (the untouched base model) are references, not contenders.
+    untrained = chat_table.loc[pd.to_numeric(chat_table["trainable_params"], errors="coerce") == 0, "method"].tolist()
+    split = params["caption_split"]
+    reports = {"chat_data_report": chat_data_report, "caption_data_report": caption_data_report}
+    sizes = _sizes(params, chat_table, caption_table, untrained, caption_predictions, llm_generations, reports)
+    sections = figure_sections(params, figures)
+    best_arch = str(caption_table.iloc[0]["architecture"]) if len(caption_table) else None
+    implementations = (caption_metrics[["metric", "implementation"]].drop_duplicates("metric")
+                       .sort_values("metric").itertuples(index=False, name=None))
+    notes = list(params.get("notes", []))
+    missing = caption_metrics[caption_metrics["value"].isna()]
+    for row in missing.drop_duplicates("metric").itertuples():
+        notes.append(f"{row.metric} was not computed in this run ({row.implementation}).")
+    return {
+        "title": params["title"], "generated_at": generated_at(),
+        "environment": env or params.get("default_environment_label", "local"), "seed": seed,
+        "mlflow_run_id": run_id, "sizes": [(k, fmt(v)) for k, v in sizes],
+        "chat_data_rows": flatten_report(chat_data_report), "caption_data_rows": flatten_report(caption_data_report),
+        "chat_summary": winners(chat_table, "method", CHAT_CRITERIA, exclude=[BASE_ROW, *untrained]),
+        "caption_summary": winners(caption_table, "architecture", CAPTION_CRITERIA),
+        "caption_split": split, "chat_table_html": chat_table_html, "caption_table_html": caption_table_html,
+        "chat_figures": sections["chat"], "caption_figures": sections["caption"], "eda_figures": sections["eda"],
+        "chat_samples": chat_samples(llm_generations, params["n_chat_samples"]),
+        "best_worst_arch": best_arch,
+        "best_worst": best_and_worst(caption_per_image_scores, best_arch, split) if best_arch else {},
+        "implementations": list(implementations), "notes": notes,
+    }

@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from llm_caption.evaluation.caption_metrics import evaluate_captions
+from llm_caption.evaluation.caption_metrics import score_splits
 from llm_caption.evaluation.chat_metrics import evaluate_chat
-from llm_caption.evaluation.tracking import caption_metrics_by_run, chat_metrics_by_run, log_metrics_to_run
+from llm_caption.tracking import caption_metrics_by_run, chat_metrics_by_run, log_metrics_to_run
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +25,8 @@ def score_captions(caption_predictions: pd.DataFrame, params: dict[str, Any]) ->
         ``caption_metrics`` (long: architecture, split, metric, value, implementation) and
         ``caption_per_image_scores`` (one row per image and architecture).
     """
-    splits = params.get("splits")
-    frame = caption_predictions
-    if splits:
-        frame = frame[frame["split"].isin(splits)]
-        if frame.empty:
-            raise ValueError(f"caption_predictions has no rows for splits {splits}; "
-                             f"it has {sorted(caption_predictions['split'].unique())}")
-    metrics, per_image = evaluate_captions(frame, params["scorers"], params.get("meteor_timeout_s", 300))
-    image_paths = caption_predictions.drop_duplicates(["architecture", "split", "image_id"])
-    if "image_path" in image_paths.columns:
-        per_image = per_image.merge(image_paths[["architecture", "split", "image_id", "image_path"]],
-                                    on=["architecture", "split", "image_id"], how="left")
-    return metrics, per_image
+    return score_splits(caption_predictions, params["scorers"], params.get("splits"),
+                        params.get("meteor_timeout_s", 300))
 
 
 def score_chat(llm_method_results: pd.DataFrame, llm_generations: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:

@@ -22,15 +22,6 @@ from llm_caption.captioning.vocab import Vocabulary
 SPLIT_NAMES = {"train": "train", "dev": "val", "test": "test"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread for the module (restored afterwards): on a shared 2-core CPU more threads thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_caption_inputs(root: Path, n_images: int = 24, image_size: int = 64, max_len: int = 16,
                         seed: int = 0) -> dict:
     """Generate ``n_images`` scenes under ``root`` and return the caption_training inputs."""

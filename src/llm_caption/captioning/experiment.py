@@ -1,0 +1,272 @@
+"""Train every configured captioner on one feature cache and predict with each: the caption study.
+
+What :mod:`llm_caption.llm.experiment` does for fine-tuning methods, this module does for
+caption architectures. :func:`build_features` encodes every image once (or reuses the cache
+entry); :func:`train_architectures` builds each decoder of ``architectures`` from its
+``decoders.<arch>`` block, trains it with ``training`` (overridden by ``decoders.<arch>.training``)
+in its own MLflow child run and returns the result tables and the best weights;
+:func:`predict_captions` beam-searches the val and test images with every trained model.
+Registration is in :mod:`.registration`. MLflow is reached through :mod:`llm_caption.tracking` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..common import count_parameters, require_columns
+from ..registry import split_fingerprint
+from ..tracking import child_run, epoch_logger, log_metrics
+from .datasets import FeatureSet
+from .decoding import decode_batched, ids_to_words
+from .encoder import build_encoder, encoder_fingerprint
+from .features import FeatureCache, load_image
+from .models import build_decoder
+from .training import CaptionData, CaptionSplit, TrainConfig, TrainResult, train_captioner
+from .transforms import build_transform
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+RESULT_COLUMNS = ["architecture", "params", "epochs_run", "epoch_time_cached_s", "epoch_time_uncached_s",
+                  "final_train_loss", "final_val_loss", "best_val_bleu4", "train_time_s", "mlflow_run_id",
+                  "eval_split"]
+HISTORY_COLUMNS = ["architecture", "epoch", "train_loss", "val_loss", "val_bleu4", "lr"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Features
+# ------------------------------------------------------------------------------------------------
+
+def _measure_encoder_seconds(encoder, transform, paths: list[str], n: int) -> float:
+    """Encoder seconds per image on a few images (for the uncached epoch-time figure on a cache hit)."""
+    sample = paths[:n]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        encoder(torch.stack([transform(load_image(p)) for p in sample]))
+    return (time.perf_counter() - start) / max(1, len(sample))
+
+
+def build_features(caption_images: pd.DataFrame, transform_spec: dict[str, Any],
+                   params: dict[str, Any]) -> FeatureSet:
+    """Encode every image once (fp16 grids under ``feature_cache.dir``) or reuse the cache entry."""
+    require_columns(caption_images, "caption_images", ["image_id", "image_path", "split"])
+    enc_spec = dict(params["encoder"])
+    if int(enc_spec.get("fine_tune_blocks", 0)):
+        raise ValueError("caption_training.encoder.fine_tune_blocks > 0 is not supported by this pipeline yet: "
+                         "the decoders train on cached features of a frozen encoder")
+    cache_cfg = params["feature_cache"]
+    encoder, weights = build_encoder(enc_spec)
+    fingerprint = encoder_fingerprint(enc_spec, weights)
+    transform = build_transform(transform_spec, train=False)
+    images = caption_images.sort_values("image_id").reset_index(drop=True)
+    cache = FeatureCache(cache_cfg["dir"])
+    start = time.perf_counter()
+    cached = cache.get_or_build(encoder, fingerprint, transform, transform_spec, images["image_id"].tolist(),
+                                images["image_path"].tolist(), views=int(cache_cfg.get("views", 1)),
+                                batch_size=int(cache_cfg.get("batch_size", 32)))
+    seconds = cached.seconds_per_image
+    if not cached.built:
+        seconds = _measure_encoder_seconds(encoder, transform, images["image_path"].tolist(),
+                                           int(cache_cfg.get("timing_images", 16)))
+    info = {"root": str(cache.root), "key": cached.key, "n_images": len(cached.image_ids),
+            "grid_hw": list(cached.grid_hw), "channels": int(cached.features.shape[-1]),
+            "views": int(cached.features.shape[1]), "built": cached.built,
+            "build_time_s": time.perf_counter() - start if cached.built else 0.0,
+            "seconds_per_image": float(seconds), "encoder_weights": weights, "encoder": fingerprint}
+    logger.info("Feature cache %s: %d images, grid %s x %d channels, %.3fs/image (%s)", cached.key,
+                info["n_images"], info["grid_hw"], info["channels"], seconds, "built" if cached.built else "reused")
+    return FeatureSet(cached, info)
+
+
+# ------------------------------------------------------------------------------------------------
+# Captions -> tensors
+# ------------------------------------------------------------------------------------------------
+
+def references(captions: pd.DataFrame, split: str) -> dict[str, list[str]]:
+    """``{image_id: [reference captions]}`` of ``split``, image ids sorted."""
+    part = captions[captions["split"] == split]
+    return {image_id: group.tolist() for image_id, group in part.groupby("image_id", sort=True)["caption"]}
+
+
+def validate_captions(captions: pd.DataFrame, vocab_size: int) -> None:
+    """Every caption row has a known split and ``token_ids`` of the common length within the vocabulary."""
+    bad_split = ~captions["split"].isin(SPLITS)
+    if bad_split.any():
+        i = int(np.flatnonzero(bad_split.to_numpy())[0])
+        raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): split "
+                         f"{captions['split'].iloc[i]!r} is not one of {list(SPLITS)}")
+    lengths = captions["token_ids"].map(len).to_numpy()
+    for i in np.flatnonzero(lengths != lengths[0])[:1]:
+        raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): {lengths[i]} token ids, "
+                         f"but row 0 has {lengths[0]}; token_ids must all have the vocabulary's max_len")
+    for i, ids in enumerate(captions["token_ids"]):
+        if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ValueError(f"captions_encoded row {i} (image {captions['image_id'].iloc[i]!r}): token id "
+                             f"outside the vocabulary of {vocab_size} words")
+
+
+def _split_tensors(captions: pd.DataFrame, split: str, rows: dict[str, int]) -> CaptionSplit:
+    part = captions[captions["split"] == split]
+    unknown = sorted(set(part["image_id"]) - set(rows))
+    if unknown:
+        raise ValueError(f"captions_encoded: {len(unknown)} {split} captions refer to images missing from "
+                         f"caption_images (e.g. {unknown[:3]})")
+    tokens = torch.tensor(np.stack(part["token_ids"].map(np.asarray).tolist()), dtype=torch.long)
+    image_rows = torch.tensor([rows[i] for i in part["image_id"]], dtype=torch.long)
+    return CaptionSplit(image_rows, tokens)
+
+
+def caption_data(features: FeatureSet, captions: pd.DataFrame, itos: list[str]) -> CaptionData:
+    """The tensors every decoder trains on: captions of train and val pointing into the feature rows."""
+    require_columns(captions, "captions_encoded", ["image_id", "split", "caption", "token_ids"])
+    validate_captions(captions, len(itos))
+    cached = features.cached
+    rows = cached.index_of()
+    val_refs = references(captions, "val")
+    if not val_refs or not (captions["split"] == "train").any():
+        raise ValueError("captions_encoded: need captions in both the 'train' and the 'val' split")
+    digest = hashlib.sha256(np.stack(captions["token_ids"].map(np.asarray).tolist()).tobytes()).hexdigest()[:12]
+    return CaptionData(features=cached.features, train=_split_tensors(captions, "train", rows),
+                       val=_split_tensors(captions, "val", rows),
+                       val_image_rows=torch.tensor([rows[i] for i in val_refs], dtype=torch.long),
+                       val_references=list(val_refs.values()), itos=itos, key=f"{cached.key}-{digest}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def _decoder_block(params: dict[str, Any], arch: str) -> dict[str, Any]:
+    return dict((params.get("decoders") or {}).get(arch) or {})
+
+
+def decoder_kwargs(params: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Keyword arguments of architecture ``arch``'s decoder class (``decoders.<arch>`` without ``training``)."""
+    return {k: v for k, v in _decoder_block(params, arch).items() if k != "training"}
+
+
+def train_config(params: dict[str, Any], arch: str, seed: int) -> TrainConfig:
+    """The shared ``training`` block overridden by ``decoders.<arch>.training`` (as ``methods.<m>.training``
+    does for the LLM study)."""
+    merged = {**params["training"], **dict(_decoder_block(params, arch).get("training") or {})}
+    return TrainConfig.from_params(merged, seed=seed)
+
+
+def _result_row(arch: str, n_params: int, result: TrainResult, seconds_per_image: float, n_train: int,
+                run_id: str, eval_split: str) -> dict[str, Any]:
+    epoch_cached = float(np.mean([h["train_epoch_time_s"] for h in result.history])) if result.history else 0.0
+    last = result.history[-1] if result.history else {}
+    # Without the cache every training caption's image goes through the encoder again each epoch.
+    return {"architecture": arch, "params": n_params, "epochs_run": result.epochs_run,
+            "epoch_time_cached_s": epoch_cached, "epoch_time_uncached_s": epoch_cached + seconds_per_image * n_train,
+            "final_train_loss": last.get("train_loss", float("nan")),
+            "final_val_loss": last.get("val_loss", float("nan")),
+            "best_val_bleu4": result.best_val_bleu4, "train_time_s": result.train_time_s,
+            "mlflow_run_id": run_id, "eval_split": eval_split}
+
+
+def train_one(arch: str, data: CaptionData, features: FeatureSet, params: dict[str, Any], seed: int,
+              eval_split: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Build, train and track one architecture; its result row, history rows and best weights."""
+    cfg = train_config(params, arch, seed)
+    torch.manual_seed(cfg.seed)
+    kwargs = decoder_kwargs(params, arch)
+    model = build_decoder(arch, len(data.itos), features.channels, **kwargs)
+    n_params, _ = count_parameters(model)
+    n_train = int(data.train.tokens.shape[0])
+    run_params = {"architecture": arch, "params": n_params, "decoder": kwargs, "training": vars(cfg),
+                  "encoder": features.info["encoder"], "feature_cache_key": features.info["key"],
+                  "train_captions": n_train, "vocab_size": len(data.itos)}
+    with child_run(f"caption_training.{arch}", tags={"architecture": arch}, params=run_params) as run:
+        result = train_captioner(model, data, cfg, Path(params["checkpoint_dir"]) / arch, name=arch,
+                                 resume=bool(params.get("resume", True)), on_epoch_end=epoch_logger())
+        row = _result_row(arch, n_params, result, features.info["seconds_per_image"], n_train, run.info.run_id,
+                          eval_split)
+        log_metrics({"params": n_params, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                     "best_val_bleu4": result.best_val_bleu4, "epoch_time_cached_s": row["epoch_time_cached_s"],
+                     "epoch_time_uncached_s": row["epoch_time_uncached_s"], "train_time_s": result.train_time_s})
+    logger.info("%s: %d params, %d epochs, best val BLEU-4 %.4f, %.1fs", arch, n_params, result.epochs_run,
+                result.best_val_bleu4, result.train_time_s)
+    history = [{"architecture": arch, "epoch": int(h["epoch"]), **{k: h[k] for k in HISTORY_COLUMNS[2:]}}
+               for h in result.history]
+    best = {"model": model.state_dict(), "epoch": result.best_epoch, "val_bleu4": result.best_val_bleu4}
+    return row, history, best
+
+
+def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features: FeatureSet,
+                        params: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Train every architecture of ``params["architectures"]`` on the cached features.
+
+    Returns ``caption_model_results`` (one row per architecture, with the fingerprint of the
+    validation images it was judged on), ``caption_loss_history`` and ``caption_models`` (best weights).
+    """
+    data = caption_data(features, captions, list(vocab["itos"]))
+    eval_split = split_fingerprint(sorted(set(captions.loc[captions["split"] == "val", "image_id"])))
+    rows, history, models = [], [], {}
+    for arch in params["architectures"]:
+        row, arch_history, models[arch] = train_one(arch, data, features, params, seed, eval_split)
+        rows.append(row)
+        history.extend(arch_history)
+    return {"caption_model_results": pd.DataFrame(rows, columns=RESULT_COLUMNS),
+            "caption_loss_history": pd.DataFrame(history, columns=HISTORY_COLUMNS), "caption_models": models}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------
+
+def load_trained(arch: str, best: dict[str, Any], params: dict[str, Any], vocab_size: int,
+                 channels: int) -> torch.nn.Module:
+    """Architecture ``arch`` with its best weights (an entry of ``caption_models``), in eval mode."""
+    model = build_decoder(arch, vocab_size, channels, **decoder_kwargs(params, arch))
+    model.load_state_dict(best["model"])
+    return model.eval()
+
+
+def trained_model(models: dict[str, Any], arch: str, params: dict[str, Any], vocab_size: int,
+                  channels: int) -> torch.nn.Module:
+    """The trained ``arch`` of ``caption_models``; a clear error when that architecture was not trained."""
+    if arch not in models:
+        raise ValueError(f"caption_models has no weights for {arch!r} (has {sorted(models)}); "
+                         f"run train_caption_models")
+    return load_trained(arch, models[arch], params, vocab_size, channels)
+
+
+def predict_captions(results: pd.DataFrame, models: dict[str, Any], images: pd.DataFrame, captions: pd.DataFrame,
+                     vocab: dict[str, Any], features: FeatureSet,
+                     params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Beam-search captions of the val and test images by every trained architecture, with their references,
+    and one test image's attention maps from ``show_attend_tell`` (an empty dict when it was not trained)."""
+    itos = list(vocab["itos"])
+    paths = dict(zip(images["image_id"], images["image_path"]))
+    dec = params["decoding"]
+    grid_h, grid_w = features.info["grid_hw"]
+    out, sample = [], {}
+    for arch in results["architecture"]:
+        model = trained_model(models, arch, params, len(itos), features.channels)
+        for split in ("val", "test"):
+            refs = references(captions, split)
+            if not refs:
+                continue
+            ids = list(refs)
+            want_alphas = arch == "show_attend_tell" and split == "test"
+            decoded = decode_batched(model, features.rows(ids), int(dec.get("batch_size", 64)), int(dec["beam_size"]),
+                                     int(dec["max_len"]), float(dec.get("length_penalty", 0.0)), want_alphas)
+            for image_id, tokens in zip(ids, decoded.tokens):
+                out.append({"architecture": arch, "split": split, "image_id": image_id,
+                            "image_path": paths.get(image_id, ""),
+                            "prediction": " ".join(ids_to_words(tokens, itos)), "references": refs[image_id]})
+            if want_alphas and decoded.alphas:
+                words = ids_to_words(decoded.tokens[0], itos)
+                sample = {"image_path": paths.get(ids[0], ""), "image_id": ids[0], "words": words,
+                          "alphas": decoded.alphas[0][: len(words)].reshape(-1, grid_h, grid_w).numpy()}
+        logger.info("%s: beam search (k=%s) on val/test done", arch, dec["beam_size"])
+    return pd.DataFrame(out), sample
