@@ -164,7 +164,10 @@ def mlflow_auth_server(workdir: Path, backend_uri: str, s3_endpoint: str) -> Ite
     config.write_text("[mlflow]\ndefault_permission = READ\n"
                       f"database_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
                       "admin_username = admin\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      # Without the cache every request re-hashes the password (PBKDF2, ~1 s on a busy
+                      # CPU), and kedro-mlflow logs each parameter in a request of its own.
+                      "auth_cache_ttl_seconds = 300\n")
     env = clean_env(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=password,
                     MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_S3_ENDPOINT_URL=s3_endpoint,
                     **S3_KEYS)
