@@ -27,7 +27,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "full": {"llm": dict(steps=20, reps=2, batch=4, seq_len=96, n_train=160, n_eval=16),
-             "caption": dict(n_images=96, n_beam_images=48, epochs=1, reps=2, batch=64, extra_epochs=12),
+             "caption": dict(n_images=64, n_beam_images=32, epochs=1, reps=2, batch=64, extra_epochs=15),
              "peak_s": 2.0},
     "tiny": {"llm": dict(steps=3, reps=1, batch=2, seq_len=64, n_train=12, n_eval=4),
              "caption": dict(n_images=6, n_beam_images=4, epochs=1, reps=1, batch=8, extra_epochs=2),
@@ -76,7 +76,7 @@ def build_rows(peak: dict[str, Any], llm: dict[str, Any] | None, cap: dict[str, 
                          other["peak_rss_mb"].text("{:.0f}"), "", "", ""))
             diff = abs(project["eval_loss"].median - other["eval_loss"].median)
             rows.append(("", f"final eval loss vs peer {peer[-1].upper()}", project["eval_loss"].text("{:.4f}"),
-                         other["eval_loss"].text("{:.4f}"), f"Δ {diff:.4f}", f"|Δ| ≤ {LOSS_TOLERANCE}",
+                         other["eval_loss"].text("{:.4f}"), f"Δ {diff:.4f}", f"Δ ≤ {LOSS_TOLERANCE}",
                          "met" if diff <= LOSS_TOLERANCE else "not met"))
             metrics[f"llm_{peer}_tokens_per_s"] = other["tokens_per_s"].median
             metrics[f"llm_{peer}_eval_loss"] = other["eval_loss"].median
@@ -146,8 +146,11 @@ def log_to_mlflow(uri: str, metrics: dict[str, float], settings: dict[str, Any],
 
     import mlflow
 
-    client_uri = uri
-    mlflow.set_tracking_uri(client_uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name("benchmarks") is None and uri.startswith("sqlite:///"):
+        # Artifacts next to the database (mlruns/artifacts for the project's store), not in ./mlruns.
+        db = Path(uri[len("sqlite:///"):])
+        mlflow.create_experiment("benchmarks", artifact_location=(db.parent / "artifacts").resolve().as_uri())
     mlflow.set_experiment("benchmarks")
     with mlflow.start_run(run_name="bench-tiny" if tiny else "bench") as run:
         mlflow.set_tags({"llm_caption.pipeline": "benchmarks", "llm_caption.bench_size": "tiny" if tiny else "full"})

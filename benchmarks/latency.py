@@ -57,7 +57,7 @@ def prepare_captioner_store(root: Path) -> tuple[str, list[Path]]:
               "decoding": dict(cfg["decoding"]), "serving": dict(cfg.get("serving") or {})}
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("latency")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("latency", artifact_location=str(root / "artifacts")))
     with mlflow.start_run():
         model_uri = log_captioner(decoder, config, vocab.to_dict(), weights)
     version = mlflow.register_model(model_uri, "image-captioner")
@@ -65,29 +65,44 @@ def prepare_captioner_store(root: Path) -> tuple[str, list[Path]]:
     return uri, paths[:32]
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds (user + system) of the process, its output)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed ({run.returncode}): {run.stderr[-1500:]}")
-    return seconds, run.stdout.strip()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu, run.stdout.strip()
 
 
-def cli_latency(store: str, image: Path, chat_store: str | None, reps: int) -> dict[str, list[float]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KEDRO_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    out: dict[str, list[float]] = {"caption": [], "chat": []}
-    for _ in range(reps):
-        seconds, text = timed([PYTHON, "-m", "llm_caption.caption", str(image), "--tracking-uri", store], ROOT, env)
-        out["caption"].append(seconds)
-        print(f"caption {seconds:.2f} s: {text[:120]}", flush=True)
-        if chat_store:
-            seconds, text = timed([PYTHON, "-m", "llm_caption.chat", "--model-uri",
-                                   "models:/persian-chat-adapter@champion", "--tracking-uri", chat_store,
-                                   "سلام، حالت چطوره؟"], ROOT, env)
-            out["chat"].append(seconds)
-            print(f"chat {seconds:.2f} s: {text[:120]}", flush=True)
+def cli_latency(store: str, image: Path, chat_store: str | None, reps: int,
+                sources: dict[str, str | None]) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of each command, per code version (``sources``: label -> a ``src`` folder to put
+    first on ``PYTHONPATH``, e.g. an export of an earlier commit; None: the installed project), alternating."""
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KEDRO_DISABLE_TELEMETRY": "true"}
+    base_env.pop("MLFLOW_TRACKING_URI", None)
+    commands = {"caption": [PYTHON, "-m", "llm_caption.caption", str(image), "--tracking-uri", store]}
+    if chat_store:
+        commands["chat"] = [PYTHON, "-m", "llm_caption.chat", "--model-uri", "models:/persian-chat-adapter@champion",
+                            "--tracking-uri", chat_store, "سلام، حالت چطوره؟"]
+    out: dict[str, dict[str, list[float]]] = {}
+    labels = list(sources)
+    for rep in range(reps):
+        for label in labels if rep % 2 == 0 else labels[::-1]:
+            env = dict(base_env)
+            if sources[label]:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [sources[label], env.get("PYTHONPATH")]))
+            for name, cmd in commands.items():
+                wall, cpu, text = timed(cmd, ROOT, env)
+                figures = out.setdefault(f"{name} ({label})", {"wall_s": [], "cpu_s": []})
+                figures["wall_s"].append(wall)
+                figures["cpu_s"].append(cpu)
+                print(f"{name} ({label}): {wall:.2f} s wall, {cpu:.2f} s CPU: {text[:100]}", flush=True)
     return out
 
 
@@ -143,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--serve", action="store_true")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--before-src", default=None,
+                        help="a src folder of an earlier version (e.g. `git archive REV src | tar -x -C DIR`): "
+                             "timed alternately with the current one")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="llm_caption_latency_") as tmp:
         store, images = prepare_captioner_store(Path(tmp))
-        figures: dict = {"cli": cli_latency(store, images[0], args.chat_store or None, args.reps)}
+        sources = {"current": None, **({"before": args.before_src} if args.before_src else {})}
+        figures: dict = {"cli": cli_latency(store, images[0], args.chat_store or None, args.reps, sources)}
         if args.serve:
             figures["serve"] = serve_latency(store, images)
-    summary = {k: f"median {statistics.median(v):.2f} s of {v}" for k, v in figures["cli"].items() if v}
+    summary = {k: {f: f"median {statistics.median(v):.2f} s of {[round(x, 2) for x in v]}" for f, v in d.items()}
+               for k, d in figures["cli"].items()}
     print(json.dumps({"cli": summary, "serve": figures.get("serve")}, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1), encoding="utf-8")
