@@ -100,7 +100,7 @@ def write_upstream(project: Path) -> dict[str, str]:
     pd.DataFrame([{"architecture": arch, "params": 1_000_000 * (i + 2), "epochs_run": 2, "epoch_time_cached_s": 1.5,
                    "epoch_time_uncached_s": 9.0, "final_train_loss": 2.0 - i, "final_val_loss": 2.5 - i,
                    "best_val_bleu4": 0.1 + i / 10, "train_time_s": 3.0 + i, "mlflow_run_id": run_ids[arch],
-                   "checkpoint_path": f"data/06_models/{arch}.pt"} for i, arch in enumerate(PREDICTIONS)]
+                   "eval_split": "val-split"} for i, arch in enumerate(PREDICTIONS)]
                  ).to_csv(out / "caption_model_results.csv", index=False)
     pd.DataFrame([{"architecture": arch, "epoch": e, "train_loss": 3.0 - e - i / 2, "val_loss": 3.2 - e - i / 3,
                    "val_bleu4": 0.05 * e + i / 20, "lr": 1e-3} for i, arch in enumerate(PREDICTIONS) for e in (1, 2)]
