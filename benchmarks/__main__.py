@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
     parser.add_argument("--skip", nargs="*", default=[], choices=["llm", "caption"], help="benchmarks to leave out")
+    parser.add_argument("--llm-steps", type=int, default=None, help="training steps per LLM run (default 20)")
+    parser.add_argument("--reps", type=int, default=None, help="alternating repetitions of every side (default 2)")
     return parser.parse_args(argv)
 
 
@@ -170,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from .common import matmul_gflops
 
     torch.set_num_threads(args.threads)
-    size = SIZES["tiny" if args.tiny else "full"]
+    size = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SIZES["tiny" if args.tiny else "full"].items()}
+    if args.llm_steps:
+        size["llm"]["steps"] = args.llm_steps
+    if args.reps:
+        size["llm"]["reps"] = size["caption"]["reps"] = args.reps
     started = time.perf_counter()
     peak = {"fp32": matmul_gflops(torch.float32, seconds=size["peak_s"]),
             "bf16": matmul_gflops(torch.bfloat16, seconds=size["peak_s"])}

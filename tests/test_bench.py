@@ -110,3 +110,43 @@ def test_count_flops_counts_a_matmul_forward_and_backward():
     a = torch.randn(8, 16, requires_grad=True)
     b = torch.randn(16, 4, requires_grad=True)
     assert count_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 8 * 16 * 4
+
+
+def test_commands_resolve_a_registered_model_in_a_sqlite_store_to_the_folder_mlflow_loads(tmp_path):
+    """The commands' start-up shortcut (one read-only query of the registry tables) finds the folder of the version
+    an alias or a version number names, the same files MLflow itself loads; anything else is left to MLflow."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from llm_caption.caption import load_registered, local_registered_model
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return pd.DataFrame({"echo": list(model_input["x"])})
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            first = mlflow.pyfunc.log_model(name="m", python_model=Echo(), pip_requirements=[])
+            second = mlflow.pyfunc.log_model(name="m", python_model=Echo(), pip_requirements=[])
+        client = MlflowClient(uri)
+        for info in (first, second):
+            mlflow.register_model(info.model_uri, "echo")
+        client.set_registered_model_alias("echo", "champion", "1")
+        folder = local_registered_model(uri, "models:/echo@champion")
+        assert folder is not None and Path(folder, "MLmodel").is_file()
+        assert Path(folder) == Path(mlflow.artifacts.download_artifacts(client.get_model_version_download_uri("echo", "1")))
+        assert local_registered_model(uri, "models:/echo/2") != folder
+        assert local_registered_model(uri, "models:/echo/2") is not None
+        assert local_registered_model(uri, "models:/echo@nobody") is None
+        assert local_registered_model(uri, "models:/echo/9") is None
+        assert local_registered_model(uri, first.model_uri) is None  # a logged-model URI: MLflow resolves it
+        assert local_registered_model("http://127.0.0.1:1", "models:/echo@champion") is None
+        model = load_registered(uri, "models:/echo@champion")
+        assert model.predict(pd.DataFrame({"x": [1, 2]}))["echo"].tolist() == [1, 2]
+    finally:
+        mlflow.set_tracking_uri(previous)

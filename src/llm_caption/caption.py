@@ -8,12 +8,20 @@ The tracking URI defaults to the store ``kedro run`` uses (``$MLFLOW_TRACKING_UR
 Prints one line per image: the file name, a tab and the caption (or the error for that image).
 The files are read here and their bytes sent to the model, as a client of the served model
 would send them (the model itself never opens a path).
+
+Start-up is most of a call's time, so the command does no more than it must: MLflow and torch are
+imported only once the arguments are valid, a ``models:/name@alias`` (or ``/version``) URI in a local
+sqlite store is resolved with one read-only query of the store's registry tables and its files loaded
+from where they lie (no tracking/registry store set-up, no artifact copy), and the installed-package
+scan that compares the model's pip requirements with this environment is skipped (the command runs in
+the project's own environment, whose pins the requirements were written from).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import os
 import sys
@@ -39,6 +47,63 @@ def read_image_file(path: str) -> tuple[str | None, str]:
         return base64.b64encode(Path(path).read_bytes()).decode("ascii"), ""
     except OSError as exc:
         return None, f"cannot read the file: {exc.strerror or exc}"
+
+
+def sqlite_file(store_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store URI, or None for any other store."""
+    if not store_uri.startswith("sqlite:///"):
+        return None
+    return Path(store_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def local_registered_model(store_uri: str, model_uri: str) -> str | None:
+    """The local folder of the model version that ``model_uri`` (``models:/name@alias`` or ``models:/name/N``)
+    names in the sqlite store ``store_uri``, read with one read-only query; None when that shortcut does not
+    apply (another store or URI form, a version that is not READY, files elsewhere than on this disk), and
+    MLflow then resolves the URI itself."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    db = sqlite_file(store_uri)
+    if db is None or not db.is_file() or not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version_query = "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?"
+        version_args: tuple = (name, alias)
+    elif ref.count("/") == 1 and ref.rsplit("/", 1)[1].isdigit():
+        name, number = ref.rsplit("/", 1)
+        version_query, version_args = "SELECT ?", (int(number),)
+    else:
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            versions = con.execute(version_query, version_args).fetchall()
+            if len(versions) != 1:
+                return None
+            rows = con.execute("SELECT storage_location, status FROM model_versions WHERE name = ? AND version = ?",
+                               (name, int(versions[0][0]))).fetchall()
+    except (sqlite3.Error, ValueError):
+        return None
+    if len(rows) != 1 or rows[0][1] != "READY" or not rows[0][0]:
+        return None
+    location = str(rows[0][0])
+    if location.startswith("file://"):
+        location = unquote(urlparse(location).path)
+    elif "://" in location:
+        return None
+    folder = Path(location)
+    return str(folder) if (folder / "MLmodel").is_file() else None
+
+
+def load_registered(store_uri: str, model_uri: str):
+    """The pyfunc model of ``model_uri``: from its local folder when the store is a local sqlite file, else
+    through MLflow's registry. The pip-requirement scan of the environment is skipped (see the module doc)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(local_registered_model(store_uri, model_uri) or model_uri,
+                                    suppress_warnings=True)
 
 
 def rows_per_request(model) -> int:
@@ -79,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = reachable_store_uri(args.tracking_uri, args.env)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(args.model_uri)
+    model = load_registered(uri, args.model_uri)
     failed = False
     for path, (caption, error) in zip(args.images, caption_files(model, list(args.images))):
         if error:

@@ -83,14 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_uri:
         import mlflow
 
+        from .caption import load_registered, local_registered_model
         from .tracking import reachable_store_uri
 
         uri = reachable_store_uri(args.tracking_uri, args.env)
         mlflow.set_tracking_uri(uri)
-        check_model_uri(args.model_uri)
+        if local_registered_model(uri, args.model_uri) is None:  # found in a local store: it exists
+            check_model_uri(args.model_uri)
         from mlflow.exceptions import MlflowException
 
-        model = mlflow.pyfunc.load_model(args.model_uri)
+        model = load_registered(uri, args.model_uri)
         try:
             reply = model.predict([messages], params=generation)[0]
         except MlflowException as error:  # a request the model refuses: its one-line reason
