@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 from kedro.framework.hooks import hook_impl
 
+from .distributed import is_main_process, rank
 from .tracking import TRACKING_URI_ENV, TrackingStoreUnreachable, check_tracking_store, configured_tracking_uri
 
 if TYPE_CHECKING:  # importing kedro.framework.context configures Kedro's logging: not at settings import
     from kedro.framework.context import KedroContext
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Pipeline
     from kedro.pipeline.node import Node
 
 logger = logging.getLogger(__name__)
@@ -114,3 +117,24 @@ class TorchThreadsHook:
     @hook_impl
     def on_node_error(self, node: Node) -> None:
         self._restore(node)
+
+
+class SecondaryRankHook:
+    """Under ``torchrun`` / ``accelerate launch``, keep what ranks other than 0 produce in memory.
+
+    Every rank runs the pipeline (the training nodes need all of them); only rank 0 writes datasets, as
+    it alone logs to MLflow (``settings.py`` disables kedro-mlflow's hook on the other ranks) and
+    registers. On another rank every output of the pipeline becomes a ``MemoryDataset``, so later nodes
+    still read it there and nothing reaches a file or a tracking store twice. One process: no change.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, pipeline: Pipeline, catalog: DataCatalog) -> None:
+        if is_main_process():
+            return
+        from kedro.io import MemoryDataset
+
+        outputs = sorted(pipeline.all_outputs())
+        for name in outputs:
+            catalog[name] = MemoryDataset(copy_mode="assign")
+        logger.info("Rank %d: %d pipeline outputs kept in memory (rank 0 writes them)", rank(), len(outputs))

@@ -13,6 +13,12 @@ A finished method leaves ``<output_dir>/<method>/llm_caption_result.json`` with 
 history and answers, keyed by a fingerprint of everything that determines them (model, data,
 settings, seed); a rerun with the same fingerprint reuses it instead of training again, so a study
 that failed late does not redo the methods it had finished (``reuse_finished: false`` retrains).
+
+Under ``torchrun`` / ``accelerate launch`` every rank runs the study (the Trainer does DDP: every rank
+sees the same seeded data order, takes its share of each batch, and gradients are averaged); rank 0
+alone opens MLflow runs, saves adapters and writes finished results, and its run ids reach the other
+ranks so that every rank returns the same tables. ``world_size`` in the table says how many processes
+trained (a result from another world size is not reused: its effective batch differs).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import mlflow
 import pandas as pd
 import torch
 
+from .. import distributed
 from ..evaluation.chat_metrics import chrf_pp
 from ..tracking import child_run
 from .adapters import save_finetuned
@@ -47,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["method", "status", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb",
                   "train_time_s", "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char",
-                  "chrf_pp", "persian_share", "english_prompt_persian_share", "mlflow_run_id", "adapter_dir"]
+                  "chrf_pp", "persian_share", "english_prompt_persian_share", "mlflow_run_id", "adapter_dir", "world_size"]
 METRIC_COLUMNS = ("trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_time_s",
                   "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char", "chrf_pp",
                   "persian_share", "english_prompt_persian_share")
@@ -126,6 +133,8 @@ def _log_method_run(method: str, method_cfg: Mapping[str, Any], training: Mappin
     tags = {"llm_caption.pipeline": "llm_finetuning", "llm_caption.method": method}
     if model_name:
         tags["llm_caption.model"] = model_name
+    if distributed.world_size() > 1:
+        tags["llm_caption.world_size"] = str(distributed.world_size())
     run_name = f"{model_name}/{method}" if model_name else method
     with child_run(run_name, tags=tags, params={"method": method_cfg, "training": training}) as run:
         mlflow.log_metrics({k: float(row[k]) for k in METRIC_COLUMNS})
@@ -152,9 +161,13 @@ def study_fingerprint(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], see
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def method_fingerprint(study: str, method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any]) -> str:
-    """Hash of the study fingerprint and one method's own configuration."""
+def method_fingerprint(study: str, method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any],
+                       world_size: int = 1) -> str:
+    """Hash of the study fingerprint and one method's own configuration (and the world size, when above 1:
+    per-device batches on several ranks make another effective batch)."""
     payload = {"study": study, "method": method, "config": dict(method_cfg), "training": dict(training)}
+    if world_size > 1:
+        payload["world_size"] = int(world_size)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -196,7 +209,8 @@ def one_line(error: BaseException) -> str:
 def failed_row(method: str, error: BaseException) -> dict[str, Any]:
     """The table row of a method that could not run on this model."""
     row = {column: float("nan") for column in METRIC_COLUMNS}
-    row.update(method=method, status=f"failed: {one_line(error)}", mlflow_run_id="", adapter_dir="")
+    row.update(method=method, status=f"failed: {one_line(error)}", mlflow_run_id="", adapter_dir="",
+               world_size=distributed.world_size())
     return row
 
 
@@ -205,6 +219,9 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     """Train, measure, save and track every selected method; return the three result tables."""
     if cfg.get("torch_num_threads"):
         torch.set_num_threads(int(cfg["torch_num_threads"]))
+    distributed.ensure_process_group()
+    world = distributed.world_size()
+    main = distributed.is_main_process()
     check_chat_frame(chat_train, "chat_train")
     check_chat_frame(chat_test, "chat_test")
     methods = selected_methods(cfg)
@@ -216,8 +233,9 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     train_ds = tokenize_conversations(tokenizer, zip(train_rows["conversation_id"], train_rows["messages"]), template, max_len)
     eval_ds = tokenize_conversations(tokenizer, zip(eval_rows["conversation_id"], eval_rows["messages"]), template, max_len)
     prompts = generation_prompts(chat_test, cfg, seed)
-    logger.info("llm_finetuning: %d methods, %d train / %d eval conversations, %d prompts, max_seq_len=%s",
-                len(methods), len(train_ds), len(eval_ds), len(prompts), max_len)
+    logger.info("llm_finetuning: %d methods, %d train / %d eval conversations, %d prompts, max_seq_len=%s%s",
+                len(methods), len(train_ds), len(eval_ds), len(prompts), max_len,
+                f", rank {distributed.rank()} of {world} processes" if world > 1 else "")
     study = study_fingerprint(cfg, model_spec, seed, train_rows["conversation_id"].astype(str).tolist(),
                               eval_rows["conversation_id"].astype(str).tolist(), prompts)
     out_root = Path(cfg["output_dir"])
@@ -227,9 +245,11 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     plans = []
     for method in methods:
         method_cfg, training = method_settings(cfg, method)
-        fingerprint = method_fingerprint(study, method, method_cfg, training)
+        fingerprint = method_fingerprint(study, method, method_cfg, training, world)
         plans.append((method, method_cfg, training, fingerprint,
                       read_finished(out_root / method, fingerprint) if reuse else None))
+    if world > 1:  # every rank must train the same methods (the main process's view of what is finished)
+        plans = distributed.broadcast(plans)
 
     conversations = [p["conversation"] for p in prompts]
     base_model = before = None
@@ -250,7 +270,8 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
                 logger.debug("[%s] traceback", method, exc_info=True)
                 finished = {"row": failed_row(method, error), "losses": [], "generations": []}
             else:
-                write_finished(out_root / method, fingerprint, **finished)
+                if main:
+                    write_finished(out_root / method, fingerprint, **finished)
             finally:
                 gc.collect()
         else:
@@ -258,7 +279,7 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
                         out_root / method / RESULT_FILE)
         if not generations and finished["generations"]:
             generations.extend(g for g in finished["generations"] if g["stage"] == "before")
-        results.append(finished["row"])
+        results.append({"world_size": 1, **finished["row"]})
         losses.extend(finished["losses"])
         generations.extend(g for g in finished["generations"] if g["stage"] == "after")
 
@@ -276,13 +297,18 @@ def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[st
     trains = method_cfg.get("builder") != "none"
     model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
     trainable, total = count_parameters(model)
+    main = distributed.is_main_process()
     result = train_method(model, tokenizer, train_ds, eval_ds, training, ckpt_root / method, seed, train=trains)
     chars = score_characters(model, tokenizer, eval_ds)
     conversations = [p["conversation"] for p in prompts]
     answers = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {}) if trains else before
     before_rows = _generation_rows("base", "before", prompts, before)
     rows = _generation_rows(method, "after", prompts, answers)
-    adapter_dir = save_finetuned(model, out_root / method, method, method_cfg, model_spec) if trains else None
+    adapter_dir = out_root / method if trains else None
+    if trains:
+        with distributed.main_process_first():  # one writer; the others go on once it is on disk
+            if main:
+                adapter_dir = save_finetuned(model, out_root / method, method, method_cfg, model_spec)
     row = {"method": method, "status": "ok", "trainable_params": trainable, "total_params": total,
            "trainable_pct": 100.0 * trainable / total, "peak_memory_mb": result.peak_memory_mb,
            "train_time_s": result.train_time_s, "step_time_s": result.step_time_s,
@@ -290,16 +316,18 @@ def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[st
            "perplexity": result.perplexity, "bits_per_char": chars.bits_per_character,
            "chrf_pp": test_answer_chrf(prompts, answers), "persian_share": fixed_prompt_share(prompts, answers),
            "english_prompt_persian_share": fixed_prompt_share(prompts, answers, persian_prompts=False),
-           "adapter_dir": str(adapter_dir) if adapter_dir else ""}
+           "adapter_dir": str(adapter_dir) if adapter_dir else "", "world_size": distributed.world_size()}
     table = pd.DataFrame(before_rows + rows)[GENERATION_COLUMNS]
-    row["mlflow_run_id"] = _log_method_run(method, method_cfg, training, row, result, table, adapter_dir,
-                                           cfg.get("model_label", ""))
+    run_id = (_log_method_run(method, method_cfg, training, row, result, table, adapter_dir,
+                              cfg.get("model_label", "")) if main else "")
+    row["mlflow_run_id"] = distributed.broadcast(run_id)
     logger.info("[%s] trainable %s (%.3f%%) | %d steps, %.2f s/step, %.0f tok/s | peak %.0f MB | "
                 "eval loss %.4f (ppl %.1f) | %.3f bits/char | chrF++ %.1f | Persian share %.2f%s", method,
                 f"{trainable:,}", row["trainable_pct"], result.steps, result.step_time_s, result.tokens_per_s,
                 result.peak_memory_mb, result.eval_loss, result.perplexity, row["bits_per_char"], row["chrf_pp"],
                 row["persian_share"], f" | resumed from {result.resumed_from}" if result.resumed_from else "")
-    if not cfg.get("keep_checkpoints", False):
+    distributed.barrier()  # every rank is done with the checkpoints before the main process removes them
+    if main and not cfg.get("keep_checkpoints", False):
         shutil.rmtree(ckpt_root / method, ignore_errors=True)
     losses = [{"method": method, **entry} for entry in result.loss_history]
     del model

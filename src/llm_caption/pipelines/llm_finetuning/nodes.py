@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ... import distributed
 from ...llm.experiment import compare_models, eval_subset, run_methods
 from ...llm.registration import RANKING_METRIC, best_method, register_adapter
 from ...registry import split_fingerprint
@@ -39,7 +40,15 @@ def compare_base_and_instruct(chat_train: pd.DataFrame, chat_test: pd.DataFrame,
 def register_best_method(results: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any],
                          seed: int) -> dict[str, Any]:
     """Register the method with the lowest bits per character as ``registry.model_name``; ``champion`` moves only
-    if it is better than the current champion on the same eval split. Returns the decision (saved as JSON)."""
+    if it is better than the current champion on the same eval split. Returns the decision (saved as JSON).
+
+    Under a multi-process launcher only rank 0 registers; the other ranks return its decision."""
+    distributed.ensure_process_group()
+    decision = _register(results, chat_test, params, seed) if distributed.is_main_process() else None
+    return distributed.broadcast(decision)
+
+
+def _register(results: pd.DataFrame, chat_test: pd.DataFrame, params: dict[str, Any], seed: int) -> dict[str, Any]:
     registry = params.get("registry") or {}
     metric = registry.get("metric", RANKING_METRIC)
     best = best_method(results, metric)
