@@ -121,12 +121,13 @@ def _post(url: str, images: list[str]) -> tuple[float, dict]:
     return time.perf_counter() - start, payload
 
 
-def serve_latency(store: str, images: list[Path], singles: int = 20) -> dict[str, float]:
+def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) -> dict[str, float]:
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1"}
+    handle = open(log, "wb")
     server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/image-captioner@champion",
                                "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/invocations"
         deadline = time.time() + 300
@@ -136,7 +137,8 @@ def serve_latency(store: str, images: list[Path], singles: int = 20) -> dict[str
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not start")
+                    tail = log.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"mlflow models serve did not start (exit {server.poll()}): {tail}")
                 time.sleep(0.5)
         encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in images]
         _post(url, encoded[:1])  # the first request warms the model up
@@ -147,15 +149,17 @@ def serve_latency(store: str, images: list[Path], singles: int = 20) -> dict[str
         return {"p50_ms": 1000 * statistics.median(singles_s), "p95_ms": 1000 * quantiles[18],
                 "batch32_images_per_s": min(32, len(encoded)) / batch_s}
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        handle.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
     parser.add_argument("--chat-store", default=f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}",
                         help="store holding persian-chat-adapter@champion ('' skips the chat command)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="command-line repetitions (0: serving only)")
     parser.add_argument("--serve", action="store_true")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--before-src", default=None,
@@ -166,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         store, images = prepare_captioner_store(Path(tmp))
         sources = {"current": None, **({"before": args.before_src} if args.before_src else {})}
         figures: dict = {"cli": cli_latency(store, images[0], args.chat_store or None, args.reps, sources)}
+        if args.out:
+            Path(args.out).write_text(json.dumps(figures, indent=1), encoding="utf-8")
         if args.serve:
-            figures["serve"] = serve_latency(store, images)
+            figures["serve"] = serve_latency(store, images, Path(tmp) / "serve.log")
     summary = {k: {f: f"median {statistics.median(v):.2f} s of {[round(x, 2) for x in v]}" for f, v in d.items()}
                for k, d in figures["cli"].items()}
     print(json.dumps({"cli": summary, "serve": figures.get("serve")}, indent=1))
