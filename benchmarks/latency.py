@@ -123,7 +123,9 @@ def _post(url: str, images: list[str]) -> tuple[float, dict]:
 
 def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) -> dict[str, float]:
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1",
+           # the server runs `uvicorn` by name: the environment's scripts must be on PATH
+           "PATH": os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])}
     handle = open(log, "wb")
     server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/image-captioner@champion",
                                "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
