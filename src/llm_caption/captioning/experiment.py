@@ -11,6 +11,7 @@ Registration is in :mod:`.registration`. MLflow is reached through :mod:`llm_cap
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import distributed
 from ..common import count_parameters, require_columns
 from ..registry import split_fingerprint
 from ..tracking import child_run, epoch_logger, log_metrics
@@ -69,9 +71,11 @@ def build_features(caption_images: pd.DataFrame, transform_spec: dict[str, Any],
     images = caption_images.sort_values("image_id").reset_index(drop=True)
     cache = FeatureCache(cache_cfg["dir"])
     start = time.perf_counter()
-    cached = cache.get_or_build(encoder, fingerprint, transform, transform_spec, images["image_id"].tolist(),
-                                images["image_path"].tolist(), views=int(cache_cfg.get("views", 1)),
-                                batch_size=int(cache_cfg.get("batch_size", 32)))
+    distributed.ensure_process_group()
+    with distributed.main_process_first():  # several processes: rank 0 builds the entry, the others read it
+        cached = cache.get_or_build(encoder, fingerprint, transform, transform_spec, images["image_id"].tolist(),
+                                    images["image_path"].tolist(), views=int(cache_cfg.get("views", 1)),
+                                    batch_size=int(cache_cfg.get("batch_size", 32)))
     seconds = cached.seconds_per_image
     if not cached.built:
         seconds = _measure_encoder_seconds(encoder, transform, images["image_path"].tolist(),
@@ -185,14 +189,17 @@ def train_one(arch: str, data: CaptionData, features: FeatureSet, params: dict[s
     run_params = {"architecture": arch, "params": n_params, "decoder": kwargs, "training": vars(cfg),
                   "encoder": features.info["encoder"], "feature_cache_key": features.info["key"],
                   "train_captions": n_train, "vocab_size": len(data.itos)}
-    with child_run(f"caption_training.{arch}", tags={"architecture": arch}, params=run_params) as run:
+    main = distributed.is_main_process()  # several processes (torchrun): rank 0 alone tracks
+    with child_run(f"caption_training.{arch}", tags={"architecture": arch}, params=run_params) if main \
+            else contextlib.nullcontext() as run:
         result = train_captioner(model, data, cfg, Path(params["checkpoint_dir"]) / arch, name=arch,
-                                 resume=bool(params.get("resume", True)), on_epoch_end=epoch_logger())
-        row = _result_row(arch, n_params, result, features.info["seconds_per_image"], n_train, run.info.run_id,
-                          eval_split)
-        log_metrics({"params": n_params, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                     "best_val_bleu4": result.best_val_bleu4, "epoch_time_cached_s": row["epoch_time_cached_s"],
-                     "epoch_time_uncached_s": row["epoch_time_uncached_s"], "train_time_s": result.train_time_s})
+                                 resume=bool(params.get("resume", True)), on_epoch_end=epoch_logger() if main else None)
+        row = _result_row(arch, n_params, result, features.info["seconds_per_image"], n_train,
+                          distributed.broadcast(run.info.run_id if main else ""), eval_split)
+        if main:
+            log_metrics({"params": n_params, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                         "best_val_bleu4": result.best_val_bleu4, "epoch_time_cached_s": row["epoch_time_cached_s"],
+                         "epoch_time_uncached_s": row["epoch_time_uncached_s"], "train_time_s": result.train_time_s})
     logger.info("%s: %d params, %d epochs, best val BLEU-4 %.4f, %.1fs", arch, n_params, result.epochs_run,
                 result.best_val_bleu4, result.train_time_s)
     history = [{"architecture": arch, "epoch": int(h["epoch"]), **{k: h[k] for k in HISTORY_COLUMNS[2:]}}

@@ -14,6 +14,14 @@ a temporary name and moved into place with ``os.replace``; every load uses
 ``torch.load(weights_only=True)`` (nothing here needs pickle); a checkpoint that cannot be read
 or does not hold what a checkpoint holds is named in a warning and the previous one is tried,
 then training starts from scratch.
+
+Under ``torchrun`` (more than one process) the model is wrapped in ``DistributedDataParallel`` and a
+``DistributedSampler`` gives each rank every ``world_size``-th caption of the epoch's one-process order,
+so one step of ``world_size`` ranks at ``batch_size`` sees the captions of one step of one process at
+``world_size * batch_size``; each rank's loss is weighted by its share of the step's target tokens, so
+the averaged gradient is the one-process gradient (up to rounding). Validation runs on every rank (same
+weights, same figures, same early-stopping decisions); rank 0 alone writes checkpoints and calls
+``on_epoch_end``.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..limits import config_values
 from .decoding import decode_batched, ids_to_words
 from .models import caption_loss
@@ -341,6 +352,49 @@ def _best_file_matches(best_path: Path, epoch: int) -> bool:
         return False
 
 
+class EpochOrderSampler(DistributedSampler):
+    """A ``DistributedSampler`` over the training captions whose epoch order is the one-process order: rank
+    ``r`` takes every ``num_replicas``-th index of it from ``r`` (padded by repetition to a multiple of
+    ``num_replicas``, as ``DistributedSampler`` does). :meth:`set_order` gives it the epoch's order."""
+
+    def __init__(self, n_items: int, num_replicas: int, rank: int, seed: int = 0) -> None:
+        super().__init__(range(n_items), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=False)
+        self.order = torch.arange(n_items)
+
+    def set_order(self, order: torch.Tensor) -> None:
+        self.order = order
+
+    def __iter__(self):
+        order = self.order.tolist()
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank: self.total_size: self.num_replicas])
+
+
+class _DataParallel(DistributedDataParallel):
+    """DDP that answers for its module's attributes (``pad_id``, ``aux_loss``), as ``caption_loss`` asks for them."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _distributed_step(model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig,
+                      world: int) -> tuple[torch.Tensor, float]:
+    """One rank's loss, scaled so that DDP's gradient average is the gradient of the step's token mean over all
+    ranks; returns (the loss to back-propagate, that token mean)."""
+    import torch.distributed as dist
+
+    with cfg.autocast():
+        loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+    n_local = (tokens[:, 1:] != model.pad_id).sum().to(torch.float64)
+    totals = torch.stack([n_local, loss.detach().to(torch.float64) * n_local])
+    dist.all_reduce(totals)
+    return loss * (n_local * world / totals[0]).to(loss.dtype), float(totals[1] / totals[0])
+
+
 def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, checkpoint_dir: str | Path,
                     name: str = "captioner", resume: bool = True,
                     on_epoch_end: Callable[[int, dict[str, float], str | None], None] | None = None) -> TrainResult:
@@ -355,6 +409,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     fingerprint = _fingerprint(model, data, cfg)
+    world = distributed.world_size() if distributed.ensure_process_group() else 1
+    main = distributed.is_main_process()
 
     def make_optim() -> tuple[torch.optim.Optimizer, Any]:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -363,12 +419,13 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
                                                                      patience=cfg.lr_patience)
 
     _seed_all(cfg.seed)
-    _remove_partial_writes(ckpt_dir)
+    if main:
+        _remove_partial_writes(ckpt_dir)
     if resume:
         progress, optimizer, scheduler = _resume(ckpt_dir, fingerprint, name, model, make_optim, cfg.seed)
     else:
         progress, (optimizer, scheduler) = _Progress(), make_optim()
-    if progress.source is not None and on_epoch_end is not None:
+    if progress.source is not None and on_epoch_end is not None and main:
         for record in progress.history:
             on_epoch_end(int(record["epoch"]), record, None)
     history, best, best_epoch = progress.history, progress.best, progress.best_epoch
@@ -380,6 +437,10 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     n_views = data.features.shape[1]
     bleu_rows = data.val_image_rows[: cfg.val_bleu_images] if cfg.val_bleu_images else data.val_image_rows
     bleu_refs = data.val_references[: len(bleu_rows)]
+    trained, sampler = model, None
+    if world > 1:
+        trained = _DataParallel(model)
+        sampler = EpochOrderSampler(n_train, world, distributed.rank(), cfg.seed)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
@@ -390,17 +451,26 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         order = torch.randperm(n_train, generator=gen)
         views = torch.randint(n_views, (n_train,), generator=gen) if n_views > 1 else None
         total, steps = 0.0, 0
-        bar = tqdm(range(0, n_train, cfg.batch_size), desc=f"{name} epoch {epoch}", unit="batch", leave=False)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            sampler.set_order(order)
+            order = torch.tensor(list(sampler), dtype=torch.long)
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{name} epoch {epoch}", unit="batch", leave=False,
+                   disable=not main)
         for lo in bar:
             feats, tokens = _batch(data, data.train, order[lo: lo + cfg.batch_size], views)
-            with cfg.autocast():
-                loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+            if sampler is None:
+                with cfg.autocast():
+                    loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+                step_loss = None
+            else:
+                loss, step_loss = _distributed_step(trained, feats, tokens, cfg, world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            total += float(loss.detach())
+            total += float(loss.detach()) if step_loss is None else step_loss
             steps += 1
         train_time = time.perf_counter() - t0
         train_loss = total / max(1, steps)
@@ -415,27 +485,30 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         if val_bleu > best + cfg.min_delta:
             best, best_epoch, bad_epochs = val_bleu, epoch, 0
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _export_best(best_path, best_model, epoch, val_bleu)
+            if main:
+                _export_best(best_path, best_model, epoch, val_bleu)
         else:
             bad_epochs += 1
         stopped = bad_epochs >= cfg.patience
-        _write_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
-                           "best_epoch": best_epoch, "best_model": best_model, "bad_epochs": bad_epochs,
-                           "stopped": stopped, "fingerprint": fingerprint, "rng": rng_state()}, ckpt_dir)
+        if main:
+            _write_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                               "best_epoch": best_epoch, "best_model": best_model, "bad_epochs": bad_epochs,
+                               "stopped": stopped, "fingerprint": fingerprint, "rng": rng_state()}, ckpt_dir)
         sample = f"Pred: {hyps[0] if hyps else ''} / GT: {bleu_refs[0][0] if bleu_refs else ''}"
         logger.info("%s epoch %d: train %.4f val %.4f BLEU-4 %.4f lr %.2e (%.1fs) %s", name, epoch, train_loss,
                     val_loss, val_bleu, lr, record["epoch_time_s"], sample)
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and main:
             on_epoch_end(epoch, record, sample)
         if stopped:
             logger.info("%s: early stop after epoch %d (no BLEU-4 gain for %d epochs)", name, epoch, cfg.patience)
     if best_model is not None:
         model.load_state_dict(best_model)
-        if not _best_file_matches(best_path, best_epoch):
+        if main and not _best_file_matches(best_path, best_epoch):
             logger.warning("%s: %s was missing or damaged; rewritten from the checkpoint's best weights (epoch %d)",
                            name, best_path, best_epoch)
             _export_best(best_path, best_model, best_epoch, best)
+    distributed.barrier()  # the other ranks leave once rank 0's files are written
     return TrainResult(history=history, best_epoch=best_epoch, best_val_bleu4=best if history else 0.0,
                        epochs_run=len(history), resumed_from_epoch=resumed_from,
                        train_time_s=time.perf_counter() - t_start, best_checkpoint=str(best_path),

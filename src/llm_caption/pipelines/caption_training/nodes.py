@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from llm_caption import distributed
 from llm_caption.captioning.datasets import FeatureSet
 from llm_caption.captioning.experiment import build_features, predict_captions as predict_all, train_architectures
 from llm_caption.captioning.registration import register_best
@@ -46,6 +47,9 @@ def register_best_captioner(caption_model_results: pd.DataFrame, caption_models:
                             caption_vocab: dict[str, Any], image_transform_spec: dict[str, Any],
                             caption_feature_cache: FeatureSet, params: dict[str, Any]) -> dict[str, Any]:
     """Register the architecture with the best validation BLEU-4 as ``image-captioner``; ``champion`` moves only
-    if it beats the champion on the same validation split. Returns the decision (``caption_registration``)."""
-    return register_best(caption_model_results, caption_models, caption_vocab, image_transform_spec,
-                         caption_feature_cache, params)
+    if it beats the champion on the same validation split. Returns the decision (``caption_registration``).
+    Under a multi-process launcher only rank 0 registers; the other ranks return its decision."""
+    distributed.ensure_process_group()
+    decision = register_best(caption_model_results, caption_models, caption_vocab, image_transform_spec,
+                             caption_feature_cache, params) if distributed.is_main_process() else None
+    return distributed.broadcast(decision)
