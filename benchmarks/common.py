@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,31 +47,6 @@ def alternate(sides: dict[str, Callable[[int], Any]], reps: int) -> dict[str, li
             gc.collect()
             out[name].append(sides[name](rep))
     return out
-
-
-@contextlib.contextmanager
-def rss_peak_mb(interval_s: float = 0.02) -> Iterator[dict[str, float]]:
-    """Process RSS in MB sampled while the block runs: ``{"start", "peak"}``."""
-    import psutil
-
-    process = psutil.Process()
-    start = process.memory_info().rss
-    peak = [start]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(interval_s):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    out = {"start": start / 2**20, "peak": start / 2**20}
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        out["peak"] = max(peak[0], process.memory_info().rss) / 2**20
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> Series:

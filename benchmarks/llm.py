@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .common import Series, alternate, count_flops, rss_peak_mb
+from .common import Series, alternate, count_flops
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.methods import MethodContext, build_method
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
-    from llm_caption.llm.training import cpu_supports_bf16, train_method
+    from llm_caption.llm.training import cpu_supports_bf16, peak_memory_mb, train_method
 
     params = _params()
     spec, seed, cfg = params["spec"], params["seed"], params["llm"]
@@ -140,7 +140,7 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
 
     def project(rep: int) -> dict[str, float]:
         clock = step_clock()
-        with rss_peak_mb() as memory:
+        with peak_memory_mb(interval_s=0.02) as memory:
             model = build_method(copy.deepcopy(base), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
             result = train_method(model, tokenizer, train_ds, eval_ds, training, tmp / f"project-{rep}", seed,
                                   callbacks=[clock])
@@ -152,7 +152,7 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
         from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
         clock = step_clock()
-        with rss_peak_mb() as memory:
+        with peak_memory_mb(interval_s=0.02) as memory:
             set_seed(seed)
             model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, **lora_options))
             args = TrainingArguments(output_dir=str(tmp / f"peer_a-{rep}"), **shared_args)
@@ -169,7 +169,7 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
         from trl import SFTConfig, SFTTrainer
 
         clock = step_clock()
-        with rss_peak_mb() as memory:
+        with peak_memory_mb(interval_s=0.02) as memory:
             set_seed(seed)
             args = SFTConfig(output_dir=str(tmp / f"peer_b-{rep}"), **shared_args)
             trainer = SFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -49,10 +49,11 @@ class TrainResult:
 
 @contextlib.contextmanager
 def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
-    """Measure peak memory in MB while the block runs: CUDA max allocated on GPU, else sampled process RSS."""
+    """Measure peak memory in MB while the block runs: CUDA max allocated on GPU, else sampled process RSS
+    (``out["start"]``: the RSS when the block began, so that ``peak - start`` is what the block added)."""
     import psutil
 
-    out = {"peak": 0.0}
+    out = {"peak": 0.0, "start": 0.0}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         yield out
@@ -61,6 +62,7 @@ def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
     process = psutil.Process()
     stop = threading.Event()
     peak = [process.memory_info().rss]
+    out["start"] = peak[0] / 2**20
 
     def sample() -> None:
         while not stop.wait(interval_s):
