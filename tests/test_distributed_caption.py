@@ -99,3 +99,38 @@ def test_two_ranks_train_captioners_like_one_process_at_twice_the_batch(tmp_path
     run_ids = {r.info.run_id for r in runs}
     assert set(ranks[0]["results"]["mlflow_run_id"]) == set(ranks[1]["results"]["mlflow_run_id"]) == run_ids
     assert all(len(client.get_metric_history(r.info.run_id, "train_loss")) == 1 for r in runs)
+
+
+def test_caption_pipeline_under_torchrun_tracks_and_registers_once(tmp_path):
+    """``kedro run --pipeline caption_training`` on two processes: one pipeline run, one child run per
+    architecture (rank 0's), one registered version; both ranks joined the process group."""
+    import re
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "pipelines"))
+    from conftest import data_root, make_project_copy, store_uri
+    from test_caption_training import ARCHS as PIPELINE_ARCHS, write_smoke_caption_inputs
+
+    project = make_project_copy(tmp_path / "project")
+    write_smoke_caption_inputs(data_root(project, "smoke"), make_caption_inputs(tmp_path, n_images=24, image_size=64))
+    start = time.perf_counter()
+    done = subprocess.run(torchrun(2, str(BIN / "kedro"), "run", "--pipeline=caption_training", "--env=smoke"),
+                          cwd=project, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(f"torchrun kedro run --pipeline caption_training: {time.perf_counter() - start:.0f}s")
+    log = re.sub(r"\s+", "", done.stdout + done.stderr)  # Kedro's console log wraps lines anywhere
+    assert "Processgroup:rank0of2" in log and "Processgroup:rank1of2" in log
+    assert "caption_registration(MemoryDataset)" in log  # rank 1's decision stays in memory
+
+    client = MlflowClient(tracking_uri=store_uri(project, "smoke"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if "llm_caption.parent_run_id" not in r.data.tags]
+    children = [r for r in runs if "llm_caption.parent_run_id" in r.data.tags]
+    assert len(parents) == 1 and sorted(r.data.tags["architecture"] for r in children) == sorted(PIPELINE_ARCHS)
+    assert {r.data.tags["llm_caption.parent_run_id"] for r in children} == {parents[0].info.run_id}
+    models = client.search_registered_models()
+    assert [m.name for m in models] == ["image-captioner"]
+    versions = client.search_model_versions("name='image-captioner'")
+    assert len(versions) == 1 and {k: str(v) for k, v in models[0].aliases.items()} == {"champion": "1"}
