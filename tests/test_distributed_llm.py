@@ -154,3 +154,30 @@ def test_study_under_torchrun_tracks_writes_and_registers_once(tmp_path, tiny_sp
     versions = client.search_model_versions(f"name='{decision['model_name']}'")
     assert len(versions) == 1 and versions[0].run_id in set(results["mlflow_run_id"])
     shutil.rmtree(project / "data", ignore_errors=True)
+
+
+def test_one_process_is_rank_zero_of_one_and_changes_nothing(monkeypatch):
+    from llm_caption import distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
+    assert distributed.ensure_process_group() is False and not distributed.is_distributed()
+    payload = {"run": "abc"}
+    assert distributed.broadcast(payload) is payload
+    distributed.barrier()
+    with distributed.main_process_first():
+        pass
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (1, 2, False)
+
+
+@pytest.mark.parametrize(("rank", "disabled"), [("0", "()"), ("1", "('kedro_mlflow', 'kedro-mlflow')")])
+def test_settings_turn_kedro_mlflow_off_on_other_ranks(rank, disabled):
+    code = "import llm_caption.settings as s; print(s.DISABLE_HOOKS_FOR_PLUGINS)"
+    env = {**launch_env(), "RANK": rank, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == disabled
