@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from .. import distributed
+from ..common import require_columns
 from ..evaluation.chat_metrics import chrf_pp
 from ..tracking import child_run
 from .adapters import save_finetuned
@@ -65,11 +66,7 @@ GENERATION_COLUMNS = ["method", "stage", "prompt_kind", "prompt", "reference", "
 
 def check_chat_frame(frame: pd.DataFrame, name: str) -> None:
     """Fail with a clear message when a chat split lacks the columns of docs/datasets.md or is empty."""
-    missing = {"conversation_id", "messages"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{name}: missing column(s) {sorted(missing)}; has {list(frame.columns)}")
-    if frame.empty:
-        raise ValueError(f"{name}: no conversations")
+    require_columns(frame, name, ["conversation_id", "messages"], allow_empty=False)
 
 
 def sample_rows(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:

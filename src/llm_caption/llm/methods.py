@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .models import is_4bit, quantize_model
+from ..common import count_parameters  # noqa: F401 - the study counts through this module
+from .models import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -194,16 +195,3 @@ def build_method(model, method_cfg: Mapping[str, Any], ctx: MethodContext):
 
         set_seed(ctx.seed)
     return BUILDERS[builder](model, dict(method_cfg.get("options") or {}), ctx)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their unpacked number of values."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if is_4bit(param):
-            n = int(torch.Size(param.quant_state.shape).numel()) if getattr(param, "quant_state", None) else n * 2
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
