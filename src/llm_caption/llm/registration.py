@@ -11,13 +11,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from ..registry import finite_metric, register_and_promote
+from ..tracking import reopen_run
 from .pyfunc import log_chat_model
 
 logger = logging.getLogger(__name__)
@@ -46,18 +44,6 @@ def best_method(results: pd.DataFrame, metric: str = RANKING_METRIC) -> pd.Serie
     return trained.loc[finite.idxmin()]
 
 
-def _run_exists(run_id: str, method: str) -> bool:
-    """Whether run ``run_id`` is in the current store; warns when it is not (e.g. a result reused from a run
-    recorded in another store), so the model is logged in a run of its own instead."""
-    try:
-        MlflowClient().get_run(run_id)
-        return True
-    except MlflowException:
-        logger.warning("%s: MLflow run %s is not in the store %s; the model is logged in a new run", method,
-                       run_id, mlflow.get_tracking_uri())
-        return False
-
-
 def register_adapter(adapter_dir: str, method: str, value: float, eval_split: str, model_name: str,
                      run_id: str | None = None, generation: Mapping[str, Any] | None = None,
                      pip_requirements: list[str] | None = None, metric: str = "eval_loss",
@@ -68,10 +54,7 @@ def register_adapter(adapter_dir: str, method: str, value: float, eval_split: st
 
     A NaN or missing value is registered as NaN and never takes the champion alias; a version
     measured on another ``eval_split`` or metric than the champion's never takes it either (see ``registry``)."""
-    run_id = run_id if run_id and _run_exists(str(run_id), method) else None
-    active = mlflow.active_run()
-    with mlflow.start_run(run_id=run_id, nested=active is not None,
-                          run_name=None if run_id else f"register-{method}"):
+    with reopen_run(run_id, method):  # the method's own run; a new run `register-<method>` if the store lacks it
         info = log_chat_model(adapter_dir, generation, pip_requirements, limits=limits)
     loss = float("nan") if finite_metric(value) is None else float(value)
     decision = register_and_promote(info.model_uri, model_name, metric, loss,
