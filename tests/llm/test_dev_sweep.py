@@ -20,9 +20,9 @@ def _cfg() -> dict:
 def test_each_value_of_a_setting_is_one_variant_of_the_method():
     cfg = _cfg()
     out = variants(cfg, "lora", ["learning_rate=3.0e-3,6.0e-3", "r=8"])
-    assert list(out) == ["lora[learning_rate=3.0e-3]", "lora[learning_rate=6.0e-3]", "lora[r=8]"]
-    assert out["lora[learning_rate=6.0e-3]"]["training"]["learning_rate"] == pytest.approx(6.0e-3)
-    assert out["lora[r=8]"]["options"]["r"] == 8 and out["lora[r=8]"]["training"]["learning_rate"] == 3.0e-3
+    assert list(out) == ["lora(learning_rate=3.0e-3)", "lora(learning_rate=6.0e-3)", "lora(r=8)"]
+    assert out["lora(learning_rate=6.0e-3)"]["training"]["learning_rate"] == pytest.approx(6.0e-3)
+    assert out["lora(r=8)"]["options"]["r"] == 8 and out["lora(r=8)"]["training"]["learning_rate"] == 3.0e-3
     assert cfg["methods"]["lora"]["training"]["learning_rate"] == 3.0e-3  # the study's config is not changed
     assert parse_value("true") is True and parse_value("16") == 16 and parse_value("cosine") == "cosine"
     with pytest.raises(ValueError, match="key=value"):
@@ -51,7 +51,7 @@ def test_a_sweep_measures_the_untuned_model_and_every_variant_on_the_dev_split(t
         table = sweep(train, cfg, tiny_gemma_spec, 0, "lora", ["learning_rate=1.0e-3,1.0e-2"], 4, tmp_path)
     finally:
         mlflow.set_tracking_uri(None)
-    assert table["method"].tolist() == ["base", "lora[learning_rate=1.0e-3]", "lora[learning_rate=1.0e-2]"]
+    assert table["method"].tolist() == ["base", "lora(learning_rate=1.0e-3)", "lora(learning_rate=1.0e-2)"]
     assert (table["status"] == "ok").all()
     assert table["learning_rate"].tolist()[1:] == [1.0e-3, 1.0e-2]
     assert table["bits_per_char"].map(math.isfinite).all()

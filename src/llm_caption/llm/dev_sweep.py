@@ -6,7 +6,7 @@ trains every variant on the rest with the environment's study settings, and meas
 held-out conversations exactly as the study measures a method on the test split: bits per character,
 eval loss, chrF++ of the answers to dev questions, Persian share. The untuned model is the first row.
 
-Runs are tracked in a store of their own (``--tracking-uri``, default a sqlite file next to ``--out``),
+Runs are tracked in a store of their own (``--tracking-uri``, default a sqlite file in ``--out``); a variant is named ``<method>(<key>=<value>)``,
 so a sweep never registers a model or touches the project's store. The table is written to
 ``<out>/dev_sweep.csv`` and printed.
 """
@@ -58,7 +58,7 @@ def variants(cfg: dict[str, Any], method: str, settings: list[str]) -> dict[str,
                 variant["options"][key] = value
             else:
                 variant.setdefault("training", {})[key] = value
-            out[f"{method}[{key}={raw}]"] = variant
+            out[f"{method}({key}={raw})"] = variant
     return out
 
 
