@@ -101,9 +101,12 @@ def test_two_ranks_train_captioners_like_one_process_at_twice_the_batch(tmp_path
     assert all(len(client.get_metric_history(r.info.run_id, "train_loss")) == 1 for r in runs)
 
 
-def test_caption_pipeline_under_torchrun_tracks_and_registers_once(tmp_path):
+def test_caption_pipeline_under_torchrun_tracks_and_registers_once(tmp_path, monkeypatch):
     """``kedro run --pipeline caption_training`` on two processes: one pipeline run, one child run per
     architecture (rank 0's), one registered version; both ranks joined the process group."""
+    # The run gets no MLFLOW_TRACKING_URI (launch_env); neither may the store this test reads (store_uri honours it).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     import re
     import subprocess
 

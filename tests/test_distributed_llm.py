@@ -123,7 +123,10 @@ def smoke_project(root: Path, spec: dict, methods: list[str]) -> Path:
     return project
 
 
-def test_study_under_torchrun_tracks_writes_and_registers_once(tmp_path, tiny_spec):
+def test_study_under_torchrun_tracks_writes_and_registers_once(tmp_path, tiny_spec, monkeypatch):
+    # The run gets no MLFLOW_TRACKING_URI (launch_env); neither may the store this test reads (store_uri honours it).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
