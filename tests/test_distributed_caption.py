@@ -60,22 +60,15 @@ def params(checkpoints: Path, batch: int) -> dict:
             "training": {"epochs": 1, "batch_size": batch, "lr": 3e-3, "max_decode_len": 8, "eval_batch_size": 16}}
 
 
-def train(inputs: dict, out: Path, nproc: int, batch: int, attempts: int = 2) -> list[dict]:
-    import shutil
+def train(inputs: dict, out: Path, nproc: int, batch: int) -> list[dict]:
     import subprocess
 
-    for attempt in range(1, attempts + 1):
-        out.mkdir(parents=True)
-        setup = out / "setup.json"
-        setup.write_text(json.dumps({**inputs, "params": params(out / "checkpoints", batch), "out": str(out)}))
-        env = {**launch_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-        command = torchrun(nproc, str(WORKER), str(setup)) if nproc > 1 else [sys.executable, str(WORKER), str(setup)]
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-        # Once, under a heavily loaded suite, gloo lost its local TCP pair before the first collective
-        # ("Connection closed by peer"); that transport failure, and only it, is retried from scratch.
-        if done.returncode == 0 or "Connection closed by peer" not in done.stderr or attempt == attempts:
-            break
-        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    setup = out / "setup.json"
+    setup.write_text(json.dumps({**inputs, "params": params(out / "checkpoints", batch), "out": str(out)}))
+    env = {**launch_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    command = torchrun(nproc, str(WORKER), str(setup)) if nproc > 1 else [sys.executable, str(WORKER), str(setup)]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 

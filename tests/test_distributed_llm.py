@@ -38,11 +38,13 @@ pytestmark = pytest.mark.slow
 
 
 def launch_env() -> dict[str, str]:
-    """One intra-op thread per process, offline, no telemetry; no tracking URI inherited from the caller."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"}
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                 "MASTER_PORT"):
+    """One intra-op thread per process, offline, no telemetry; no MLflow setting inherited from the caller
+    (``mlflow.set_tracking_uri`` / ``set_experiment`` in an earlier test export MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID to the whole process: a worker would log into an experiment its store lacks)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"OMP_NUM_THREADS": "1", "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", "TOKENIZERS_PARALLELISM": "false"})
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
 
