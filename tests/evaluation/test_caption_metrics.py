@@ -87,4 +87,14 @@ def test_unknown_scorer_and_missing_columns():
         evaluate_captions(frame, ["spice"])
     with pytest.raises(ValueError, match="lacks columns \\['references'\\]"):
         evaluate_captions(frame.drop(columns=["references"]), ["cider_d"])
-    assert set(CAPTION_SCORERS) == {"nltk_bleu", "coco_bleu", "meteor", "rouge_l", "cider_d"}
+    assert set(CAPTION_SCORERS) == {"nltk_bleu", "coco_bleu", "meteor", "rouge_l", "cider_d", "diversity"}
+
+
+def test_diversity_counts_distinct_captions_and_words():
+    frame = pd.DataFrame({"architecture": ["a"] * 4, "split": ["test"] * 4, "image_id": ["w", "x", "y", "z"],
+                          "prediction": ["A dog runs.", "a dog runs", "a cat", "two dogs"],
+                          "references": [["a dog"]] * 4})
+    metrics, per_image = evaluate_captions(frame, ["diversity"])
+    values = dict(zip(metrics["metric"], metrics["value"]))
+    assert values == {"distinct_captions": 3 / 4, "vocab_used": 6.0}  # "A dog runs." normalises to "a dog runs"
+    assert len(per_image) == 4

@@ -50,20 +50,26 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     uri = store_uri(kedro_project, "smoke")
     out = smoke / "07_model_output"
     results = pd.read_csv(out / "caption_model_results.csv")
-    assert results["architecture"].tolist() == ARCHS
+    # The three cross-entropy captioners, then SCST of the best of them (first on ties) as one more row.
+    best_ce = results.iloc[:3].sort_values("best_val_bleu4", ascending=False, kind="stable")["architecture"].iloc[0]
+    scst = f"{best_ce}+scst"
+    assert results["architecture"].tolist() == ARCHS + [scst]
     assert list(results.columns) == ["architecture", "params", "epochs_run", "epoch_time_cached_s",
                                      "epoch_time_uncached_s", "final_train_loss", "final_val_loss",
                                      "best_val_bleu4", "train_time_s", "mlflow_run_id", "eval_split"]
     assert results["eval_split"].nunique() == 1
-    assert (results["epochs_run"] == 2).all() and (results["params"] > 0).all()
-    assert (results["epoch_time_uncached_s"] > results["epoch_time_cached_s"]).all()
+    assert results["epochs_run"].tolist() == [2, 2, 2, 1] and (results["params"] > 0).all()
+    ce = results.iloc[:3]
+    assert (ce["epoch_time_uncached_s"] > ce["epoch_time_cached_s"]).all()
+    assert results["best_val_bleu4"].iloc[3] >= results.loc[results["architecture"] == best_ce, "best_val_bleu4"].iloc[0]
     history = pd.read_csv(out / "caption_loss_history.csv")
-    assert len(history) == 6 and set(history.columns) == {"architecture", "epoch", "train_loss", "val_loss",
+    assert history.loc[history["architecture"] == scst, "epoch"].tolist() == [0, 1]  # the starting point, then SCST
+    assert len(history) == 8 and set(history.columns) == {"architecture", "epoch", "train_loss", "val_loss",
                                                           "val_bleu4", "lr"}
     preds = pd.read_parquet(out / "caption_predictions.parquet")
     n_val = (inputs["caption_images"]["split"] == "val").sum()
     n_test = (inputs["caption_images"]["split"] == "test").sum()
-    assert len(preds) == 3 * (n_val + n_test)
+    assert len(preds) == 4 * (n_val + n_test)
     assert set(preds["split"]) == {"val", "test"} and all(len(r) == 5 for r in preds["references"])
     sample = pd.read_pickle(out / "caption_attention_sample.pkl")
     assert sample["alphas"].shape == (len(sample["words"]), 2, 2)
@@ -75,12 +81,16 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
         run = runs[arch]
         assert run.info.run_id == run_id and "llm_caption.parent_run_id" in run.data.tags
         assert len(client.get_metric_history(run_id, "val_bleu4")) == 2
+    scst_metrics = runs[scst].data.metrics
+    for key in ("sample_reward", "greedy_reward", "val_cider_d", "val_distinct_captions", "val_vocab_used"):
+        assert key in scst_metrics, key
+    assert runs[scst].data.tags["base_architecture"] == best_ce
     champion = client.get_model_version_by_alias("image-captioner", "champion")
     assert str(champion.version) == "1" and champion.tags["metric_name"] == "val_bleu4"
     assert champion.tags["champion_decision"] == "promoted: no champion yet"
     # The validation split is fingerprinted once, by training, and the registry records that fingerprint.
     assert champion.tags["eval_split"] == results["eval_split"][0]
-    assert {f"{a}/best.pt" for a in ARCHS} <= files_under(smoke / "06_models/caption_training")
+    assert {f"{a}/best.pt" for a in ARCHS + [scst]} <= files_under(smoke / "06_models/caption_training")
 
     # Second run: the checkpoints are complete, so it resumes without training and ties the champion.
     run_pipeline(kedro_project, "caption_training", env="smoke", params=SERVING)

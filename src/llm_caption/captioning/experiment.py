@@ -4,7 +4,9 @@ What :mod:`llm_caption.llm.experiment` does for fine-tuning methods, this module
 caption architectures. :func:`build_features` encodes every image once (or reuses the cache
 entry); :func:`train_architectures` builds each decoder of ``architectures`` from its
 ``decoders.<arch>`` block, trains it with ``training`` (overridden by ``decoders.<arch>.training``)
-in its own MLflow child run and returns the result tables and the best weights;
+in its own MLflow child run, then (with ``scst.enabled``) fine-tunes one of them on CIDEr-D by
+self-critical sequence training as one more row, ``<arch>+scst`` (:mod:`.scst`), and returns the
+result tables and the best weights;
 :func:`predict_captions` beam-searches the val and test images with every trained model.
 Registration is in :mod:`.registration`. MLflow is reached through :mod:`llm_caption.tracking` only.
 """
@@ -31,6 +33,7 @@ from .decoding import decode_batched, ids_to_words
 from .encoder import build_encoder, encoder_fingerprint
 from .features import FeatureCache, load_image
 from .models import build_decoder
+from .scst import ScstConfig, train_scst
 from .training import CaptionData, CaptionSplit, TrainConfig, TrainResult, train_captioner
 from .transforms import build_transform
 
@@ -148,8 +151,13 @@ def caption_data(features: FeatureSet, captions: pd.DataFrame, itos: list[str]) 
 # Training
 # ------------------------------------------------------------------------------------------------
 
+def base_architecture(name: str) -> str:
+    """The decoder class a trained row is built from: ``show_attend_tell+scst`` -> ``show_attend_tell``."""
+    return str(name).split("+", 1)[0]
+
+
 def _decoder_block(params: dict[str, Any], arch: str) -> dict[str, Any]:
-    return dict((params.get("decoders") or {}).get(arch) or {})
+    return dict((params.get("decoders") or {}).get(base_architecture(arch)) or {})
 
 
 def decoder_kwargs(params: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -222,8 +230,72 @@ def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features:
         row, arch_history, models[arch] = train_one(arch, data, features, params, seed, eval_split)
         rows.append(row)
         history.extend(arch_history)
+    scst = dict(params.get("scst") or {})
+    if scst.get("enabled"):
+        base = str(scst.get("architecture") or max(rows, key=lambda r: r["best_val_bleu4"])["architecture"])
+        if base not in models:
+            raise ValueError(f"scst.architecture: {base!r} was not trained (architectures: {list(models)})")
+        row, arch_history, best = train_scst_variant(base, models[base], data, features, captions, params, seed,
+                                                     eval_split)
+        rows.append(row)
+        history.extend(arch_history)
+        models[row["architecture"]] = best
     return {"caption_model_results": pd.DataFrame(rows, columns=RESULT_COLUMNS),
             "caption_loss_history": pd.DataFrame(history, columns=HISTORY_COLUMNS), "caption_models": models}
+
+
+def scst_config(params: dict[str, Any], seed: int) -> ScstConfig:
+    """The ``scst`` block over what SCST shares with the ``training`` block (validation images, decoding length,
+    precision, evaluation batch, label smoothing of the reported validation loss)."""
+    training = dict(params["training"])
+    shared = {"val_images": training.get("val_bleu_images"), "max_len": training.get("max_decode_len"),
+              "precision": training.get("precision"), "eval_batch_size": training.get("eval_batch_size"),
+              "label_smoothing": training.get("label_smoothing")}
+    return ScstConfig.from_params({**{k: v for k, v in shared.items() if v is not None},
+                                   **dict(params.get("scst") or {})}, seed=seed)
+
+
+def train_scst_variant(base: str, base_best: dict[str, Any], data: CaptionData, features: FeatureSet,
+                       captions: pd.DataFrame, params: dict[str, Any], seed: int,
+                       eval_split: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """SCST of architecture ``base`` from its best cross-entropy weights, tracked as the row ``<base>+scst``."""
+    name = f"{base}+scst"
+    cfg = scst_config(params, seed)
+    model = load_trained(base, base_best, params, len(data.itos), features.channels)
+    n_params, _ = count_parameters(model)
+    train_refs = references(captions, "train")
+    rows = features.cached.index_of()
+    train_rows = torch.tensor([rows[i] for i in train_refs], dtype=torch.long)
+    run_params = {"architecture": name, "base_architecture": base, "params": n_params,
+                  "decoder": decoder_kwargs(params, base), "scst": vars(cfg), "start_epoch": base_best.get("epoch"),
+                  "encoder": features.info["encoder"], "feature_cache_key": features.info["key"],
+                  "train_images": len(train_rows), "vocab_size": len(data.itos)}
+    main = distributed.is_main_process()
+    with child_run(f"caption_training.{name}", tags={"architecture": name, "base_architecture": base},
+                   params=run_params) if main else contextlib.nullcontext() as run:
+        result = train_scst(model, data, train_rows, list(train_refs.values()), cfg,
+                            Path(params["checkpoint_dir"]) / name, name=name, resume=bool(params.get("resume", True)),
+                            on_epoch_end=epoch_logger() if main else None)
+        trained = [h for h in result.history if int(h["epoch"]) > 0]
+        last = result.history[-1]
+        row = {"architecture": name, "params": n_params, "epochs_run": result.epochs_run,
+               "epoch_time_cached_s": float(np.mean([h["train_epoch_time_s"] for h in trained])) if trained else 0.0,
+               "epoch_time_uncached_s": float("nan"), "final_train_loss": float("nan"),
+               "final_val_loss": float(last["val_loss"]), "best_val_bleu4": result.best_val_bleu4,
+               "train_time_s": result.train_time_s, "mlflow_run_id": distributed.broadcast(run.info.run_id if main else ""),
+               "eval_split": eval_split}
+        best_record = next(h for h in result.history if int(h["epoch"]) == result.best_epoch)
+        if main:
+            log_metrics({"params": n_params, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                         "best_val_bleu4": result.best_val_bleu4, "best_val_cider_d": best_record["val_cider_d"],
+                         "train_time_s": result.train_time_s})
+    logger.info("%s: %d SCST epochs, best epoch %d: val BLEU-4 %.4f (start %.4f), CIDEr-D %.4f (start %.4f), %.1fs",
+                name, result.epochs_run, result.best_epoch, result.best_val_bleu4, result.history[0]["val_bleu4"],
+                best_record["val_cider_d"], result.history[0]["val_cider_d"], result.train_time_s)
+    history = [{"architecture": name, "epoch": int(h["epoch"]), "train_loss": float("nan"), "val_loss": h["val_loss"],
+                "val_bleu4": h["val_bleu4"], "lr": h["lr"]} for h in result.history]
+    best = {"model": model.state_dict(), "epoch": result.best_epoch, "val_bleu4": result.best_val_bleu4}
+    return row, history, best
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +305,7 @@ def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features:
 def load_trained(arch: str, best: dict[str, Any], params: dict[str, Any], vocab_size: int,
                  channels: int) -> torch.nn.Module:
     """Architecture ``arch`` with its best weights (an entry of ``caption_models``), in eval mode."""
-    model = build_decoder(arch, vocab_size, channels, **decoder_kwargs(params, arch))
+    model = build_decoder(base_architecture(arch), vocab_size, channels, **decoder_kwargs(params, arch))
     model.load_state_dict(best["model"])
     return model.eval()
 
@@ -264,7 +336,7 @@ def predict_captions(results: pd.DataFrame, models: dict[str, Any], images: pd.D
             if not refs:
                 continue
             ids = list(refs)
-            want_alphas = arch == "show_attend_tell" and split == "test"
+            want_alphas = base_architecture(arch) == "show_attend_tell" and split == "test" and not sample
             decoded = decode_batched(model, features.rows(ids), int(dec.get("batch_size", 64)), int(dec["beam_size"]),
                                      int(dec["max_len"]), float(dec.get("length_penalty", 0.0)), want_alphas)
             for image_id, tokens in zip(ids, decoded.tokens):

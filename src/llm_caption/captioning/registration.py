@@ -15,7 +15,7 @@ import pandas as pd
 from ..registry import register_and_promote
 from ..tracking import reopen_run
 from .datasets import FeatureSet
-from .experiment import decoder_kwargs, trained_model
+from .experiment import base_architecture, decoder_kwargs, trained_model
 from .pyfunc import log_captioner
 
 RANKING_METRIC = "best_val_bleu4"
@@ -30,7 +30,7 @@ def best_architecture(results: pd.DataFrame) -> pd.Series:
 
 def served_config(arch: str, transform_spec: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """What the served model needs besides weights and vocabulary (the encoder's weights file path left out)."""
-    return {"architecture": arch, "decoder": decoder_kwargs(params, arch),
+    return {"architecture": base_architecture(arch), "trained_as": arch, "decoder": decoder_kwargs(params, arch),
             "encoder": {k: v for k, v in params["encoder"].items() if k != "weights_path"},
             "transform_spec": transform_spec, "decoding": dict(params["decoding"])}
 

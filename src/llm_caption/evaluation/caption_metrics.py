@@ -141,6 +141,20 @@ class RougeLScorer:
         return ScoreResult(corpus, {"rouge_l": per}, self.implementation)
 
 
+class DiversityScorer:
+    """Caption diversity: distinct captions per image and distinct words used (no per-image figure). SCST is known
+    to narrow both; they show that trade beside the scores."""
+
+    implementation = "distinct normalised captions / images; distinct words over all captions"
+
+    def score(self, gts: Mapping[str, Sequence[str]], res: Mapping[str, str]) -> ScoreResult:
+        _check_inputs(gts, res)
+        captions = [normalise_caption(res[i]) for i in sorted(gts)]
+        corpus = {"distinct_captions": len(set(captions)) / len(captions),
+                  "vocab_used": float(len({w for c in captions for w in c.split()}))}
+        return ScoreResult(corpus, {}, self.implementation)
+
+
 def java_available() -> bool:
     """Whether a ``java`` executable is on PATH (METEOR 1.5 is a Java program)."""
     return shutil.which("java") is not None
@@ -227,6 +241,7 @@ CAPTION_SCORERS: dict[str, type] = {
     "meteor": MeteorScorer,
     "rouge_l": RougeLScorer,
     "cider_d": CiderDScorer,
+    "diversity": DiversityScorer,
 }
 
 #: Metrics each scorer reports (so a missing METEOR is still listed in the output).
@@ -236,6 +251,7 @@ SCORER_METRICS: dict[str, tuple[str, ...]] = {
     "meteor": ("meteor",),
     "rouge_l": ("rouge_l",),
     "cider_d": ("cider_d",),
+    "diversity": ("distinct_captions", "vocab_used"),
 }
 
 # Metric names in the output table: the two BLEU implementations get distinct names.

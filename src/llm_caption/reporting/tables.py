@@ -53,6 +53,8 @@ CAPTION_COLUMNS: dict[str, str] = {
     "meteor": "METEOR",
     "rouge_l": "ROUGE-L",
     "cider_d": "CIDEr-D",
+    "distinct_captions": "Distinct captions / image",
+    "vocab_used": "Words used",
 }
 
 
