@@ -237,3 +237,18 @@ def test_resume_after_kill_during_scst_matches_the_uninterrupted_run(scst_data, 
     assert resumed.best_epoch == full.best_epoch
     for name, value in scst_full_run["weights"].items():
         assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_scst_sweep_settings_and_missing_start(tmp_path):
+    from llm_caption.captioning.scst_sweep import load_start, parse_settings
+
+    assert parse_settings(["lr=5.0e-5,2.0e-4", "baseline=greedy"]) == [
+        ("lr=5.0e-5", {"lr": 5e-5}), ("lr=2.0e-4", {"lr": 2e-4}), ("baseline=greedy", {"baseline": "greedy"})]
+    with pytest.raises(ValueError, match="key=value"):
+        parse_settings(["lr"])
+    with pytest.raises(FileNotFoundError, match="show_attend_tell/best.pt does not exist"):
+        load_start(tmp_path, "show_attend_tell")
+    (tmp_path / "show_tell").mkdir()
+    torch.save([1, 2], tmp_path / "show_tell" / "best.pt")
+    with pytest.raises(ValueError, match="does not hold a captioner's best weights"):
+        load_start(tmp_path, "show_tell")
