@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import pandas as pd
@@ -30,3 +31,21 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def cpu_supports_bf16() -> bool:
+    """True when oneDNN reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def effective_precision(precision: str, where: str) -> str:
+    """``precision``, except ``bf16`` on a CPU without native bf16: there it is emulated (many times slower) and
+    oneDNN has no bf16 LSTM, so ``fp32`` is used instead, with a warning naming ``where``."""
+    if precision == "bf16" and not cpu_supports_bf16():
+        logging.getLogger(__name__).warning("%s: precision bf16 asked, but this CPU has no native bf16 "
+                                            "(AVX512-BF16 or AMX); running in fp32", where)
+        return "fp32"
+    return precision

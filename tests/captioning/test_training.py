@@ -287,3 +287,16 @@ def test_bf16_autocast_trains_and_is_deterministic(data_file, tmp_path):
     assert fp32.history[0]["train_loss"] != a.history[0]["train_loss"]  # bf16 matmuls really ran
     with pytest.raises(ValueError, match="training.precision: 'fp16'"):
         TrainConfig(precision="fp16")
+
+
+def test_bf16_from_parameters_falls_back_to_fp32_without_native_bf16(caplog):
+    from llm_caption.common import cpu_supports_bf16
+    from llm_caption.captioning.scst import ScstConfig
+
+    native = cpu_supports_bf16()
+    with caplog.at_level("WARNING"):
+        cfg = TrainConfig.from_params({"precision": "bf16"})
+        scst = ScstConfig.from_params({"precision": "bf16"})
+    assert cfg.precision == scst.precision == ("bf16" if native else "fp32")
+    assert ("no native bf16" in caplog.text) is (not native)
+    assert TrainConfig.from_params({"precision": "fp32"}).precision == "fp32"

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..common import effective_precision
 from ..limits import config_values
 from .decoding import EOS, PAD, SOS, decode_batched, greedy_decode, ids_to_words
 from .training import (CaptionData, TrainConfig, TrainResult, _best_file_matches, _epoch_generator, _export_best,
@@ -263,6 +264,8 @@ class ScstConfig:
     def from_params(cls, params: Mapping[str, Any], seed: int | None = None) -> "ScstConfig":
         values = config_values(cls, {k: v for k, v in params.items() if k not in ("enabled", "architecture")},
                                "scst parameters")
+        if "precision" in values:
+            values["precision"] = effective_precision(str(values["precision"]), "SCST")
         if seed is not None and "seed" not in values:
             values["seed"] = int(seed)
         return cls(**values)

@@ -46,6 +46,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..common import effective_precision
 from ..limits import config_values
 from .decoding import decode_batched, ids_to_words
 from .models import caption_loss
@@ -88,6 +89,8 @@ class TrainConfig:
     def from_params(cls, params: Mapping[str, Any], seed: int | None = None) -> "TrainConfig":
         """Config from parameters; unknown keys are an error."""
         values = config_values(cls, params, "training parameters")
+        if "precision" in values:
+            values["precision"] = effective_precision(str(values["precision"]), "caption training")
         if seed is not None and "seed" not in values:
             values["seed"] = int(seed)
         return cls(**values)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..common import cpu_supports_bf16
+
 logger = logging.getLogger(__name__)
 
 # Keys of the `training` block that are ours, not SFTConfig's.
@@ -139,14 +141,6 @@ def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, g
             logger.warning("training.bf16 is set but this CPU has no native bf16: training in fp32")
             settings["bf16"] = False
     return SFTConfig(**settings)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def safetensors_problem(path: Path) -> str | None:
