@@ -100,6 +100,19 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     again = pd.read_csv(out / "caption_model_results.csv")
     pd.testing.assert_series_equal(again["best_val_bleu4"], results["best_val_bleu4"])
 
+    # The SCST sweep reads the same environment's features and cross-entropy checkpoints; nothing is tracked.
+    sweep = subprocess.run([sys.executable, "-m", "llm_caption.captioning.scst_sweep", "--env=smoke",
+                            f"--architecture={best_ce}", "--set", "lr=1.0e-3,2.0e-3", "--epochs=1",
+                            f"--out={kedro_project.parent / 'sweep'}"],
+                           capture_output=True, text=True, timeout=300, cwd=kedro_project)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    table = pd.read_csv(kedro_project.parent / "sweep/scst_sweep.csv")
+    assert table[["variant", "epoch"]].values.tolist() == [["lr=1.0e-3", 0], ["lr=1.0e-3", 1], ["lr=2.0e-3", 0],
+                                                           ["lr=2.0e-3", 1]]
+    # epoch 0 of every variant is the same starting point, the pipeline's SCST row started from
+    assert table["val_bleu4"][0] == table["val_bleu4"][2]
+    assert len(client.search_model_versions("name='image-captioner'")) == 2
+
     image_path = inputs["caption_images"]["image_path"][0]
     cli = subprocess.run([sys.executable, "-m", "llm_caption.caption", image_path, "--tracking-uri", uri],
                          capture_output=True, text=True, timeout=300, cwd=kedro_project)
