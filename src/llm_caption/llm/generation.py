@@ -14,6 +14,13 @@ fast route to the same function:
   forward pass after the first token, and 3-4x slower for the soft prompts.
 
 ``fast=False`` generates with the adapter model as it is (PEFT's own generation path).
+
+Stop tokens: an answer ends at the tokenizer's eos or at any token of ``stop_tokens``: the generation setting
+``stop_tokens`` (a list of token strings) together with the model spec's ``stop_tokens``, which
+:func:`~llm_caption.llm.models.load_tokenizer` records on the tokenizer (Gemma-3: ``<start_of_turn>``, beside its
+eos ``<end_of_turn>``). They are resolved to ids and handed to ``generate`` as a list of eos ids, so every route
+above stops at them; the answer is the text before the first of them (the stop token itself is never decoded).
+An unknown token string is a ``ValueError`` naming it and the model.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .models import is_4bit
 
 logger = logging.getLogger(__name__)
 
+STOP_TOKENS_ATTR = "llm_caption_stop_tokens"  # the model spec's stop tokens, set on the tokenizer by load_tokenizer
 _MERGEABLE = {"LORA", "LOHA", "LOKR", "ADALORA", "IA3"}
 _SOFT_PROMPTS = {"PROMPT_TUNING", "P_TUNING"}
 
@@ -77,13 +85,53 @@ def _generate(model, enc: dict[str, torch.Tensor], settings: Mapping[str, Any], 
     return out[:, enc["input_ids"].shape[1]:]
 
 
+def check_stop_tokens(value: Any, where: str) -> list[str]:
+    """``value`` as a list of token strings (null: none); anything else is a ``ValueError`` naming ``where``."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{where} must be a list of token strings (e.g. ['<end_of_turn>']), got {value!r}"[:300])
+    return list(value)
+
+
+def stop_token_ids(tokenizer, stop_tokens: Sequence[str] = (), model=None) -> list[int]:
+    """Ids generation stops at: the tokenizer's eos, the spec's stop tokens recorded on the tokenizer, then
+    ``stop_tokens`` (duplicates dropped). A token string the tokenizer does not have is a ``ValueError``."""
+    vocab = tokenizer.get_vocab()
+    name = (getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(tokenizer, "name_or_path", "")
+            or type(tokenizer).__name__)
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    for token in [*getattr(tokenizer, STOP_TOKENS_ATTR, ()), *check_stop_tokens(stop_tokens, "generation.stop_tokens")]:
+        if token not in vocab:
+            raise ValueError(f"stop token {token!r} is not a token of the model {name!r} (not in its tokenizer's "
+                             f"vocabulary of {len(vocab):,}); generation.stop_tokens and the model spec's "
+                             "stop_tokens take whole token strings such as '<end_of_turn>'")
+        token_id = int(vocab[token])
+        if token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def _until_stop(ids: torch.Tensor, stops: set[int]) -> list[int]:
+    """The ids of one generated row before its first stop id."""
+    row = ids.tolist()
+    return next((row[:i] for i, t in enumerate(row) if t in stops), row)
+
+
 def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, str]]],
                      generation: Mapping[str, Any], batch_size: int = 8, fast: bool = True) -> list[str]:
-    """The model's reply to each conversation (rendered with the tokenizer's chat template + generation prompt)."""
+    """The model's reply to each conversation (rendered with the tokenizer's chat template + generation prompt).
+
+    ``generation`` holds ``generate`` settings plus ``stop_tokens`` (token strings an answer also ends at, beside
+    the tokenizer's eos and the model spec's stop tokens); the answer is the text before the first stop id.
+    """
     settings = dict(generation)
+    stops = stop_token_ids(tokenizer, settings.pop("stop_tokens", None) or (), model)
     settings.setdefault("max_new_tokens", 48)
     settings.setdefault("do_sample", False)
-    settings.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    settings.update(pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stops[0] if len(stops) == 1 else (stops or None))
+    stop_set = set(stops)
     answers: list[str] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -98,7 +146,8 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
                 new_tokens = _generate(runner, enc, settings, fast)
-            answers.extend(tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens)
+            answers.extend(tokenizer.decode(_until_stop(t, stop_set), skip_special_tokens=True).strip()
+                           for t in new_tokens)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

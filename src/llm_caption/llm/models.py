@@ -13,6 +13,9 @@ A *model spec* is a mapping from ``parameters.yml`` (``llm_models.<name>``)::
     pad_token: <|endoftext|>            # explicit pad token (never the end-of-turn token)
     eos_token: <end_of_turn>            # optional: the token that ends an answer, when it is not the
                                         # tokenizer's own eos (base models whose eos ends a document)
+    stop_tokens: [<start_of_turn>]      # optional: more tokens an answer ends at (generation stops there and
+                                        # the answer is the text before them), e.g. a new turn opened by a
+                                        # base model instead of closing its own
     quantization: null | {load_in_4bit: true, bnb_4bit_quant_type: nf4, ...}
     dtype: float32
 
@@ -140,7 +143,8 @@ def _write_cache(path: Path | None, save) -> None:
 
 
 def load_tokenizer(spec: Mapping[str, Any]):
-    """The model's tokenizer, with an explicit pad token (``eos`` when the model has none)."""
+    """The model's tokenizer, with an explicit pad token (``eos`` when the model has none); the spec's
+    ``stop_tokens`` (checked against its vocabulary) are recorded on it for :func:`generate_answers`."""
     from transformers import AutoTokenizer
 
     location, kwargs = _pretrained_location(spec)
@@ -162,6 +166,15 @@ def load_tokenizer(spec: Mapping[str, Any]):
         if spec["eos_token"] not in tokenizer.get_vocab():
             raise ValueError(f"eos_token {spec['eos_token']!r} of the model spec is not in the tokenizer's vocabulary")
         tokenizer.eos_token = spec["eos_token"]
+    if spec.get("stop_tokens"):
+        from .generation import STOP_TOKENS_ATTR, check_stop_tokens
+
+        stop_tokens = check_stop_tokens(spec["stop_tokens"], "stop_tokens of the model spec")
+        unknown = [t for t in stop_tokens if t not in tokenizer.get_vocab()]
+        if unknown:
+            raise ValueError(f"stop_tokens {unknown} of the model spec are not in the tokenizer's vocabulary "
+                             f"({spec.get('hub_id') or spec.get('model_id') or spec.get('gguf_file')})")
+        setattr(tokenizer, STOP_TOKENS_ATTR, stop_tokens)  # generate_answers stops at them too
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("Tokenizer has no pad token; using eos %r", tokenizer.eos_token)

@@ -6,8 +6,10 @@ model from the spec stored there (never ``trust_remote_code``) and applies the a
 Requests are untrusted. :class:`ChatLimits` caps conversations per request, messages per
 conversation, characters per message and ``max_new_tokens``; the only generation parameters a
 request may set are ``max_new_tokens`` and ``repetition_penalty`` (in range), and ``do_sample``
-only as ``false`` (this model decodes greedily). Anything else, or a malformed input (``[5]``,
-``[None]``, a DataFrame without a ``messages``/``prompt`` column ...), is refused with one line
+only as ``false`` (this model decodes greedily). The stop tokens (a logged ``stop_tokens`` setting and
+those of the model spec saved with the adapter) are fixed by the model: a request cannot set them.
+Anything else, or a malformed input (``[5]``, ``[None]``, a DataFrame without a ``messages``/``prompt``
+column ...), is refused with one line
 (``MlflowException``: HTTP 400 when served) that says which input and what is wrong; no stack
 trace reaches the client.
 """
@@ -243,7 +245,9 @@ def log_chat_model(adapter_dir: str | Path, generation: Mapping[str, Any] | None
 
 
 def generation_signature(settings: Mapping[str, Any]):
-    """A signature with no input schema (messages are checked by ``predict``) and the generation params."""
+    """A signature with no input schema (messages are checked by ``predict``) and the generation params.
+
+    Only scalar settings become params; a list such as ``stop_tokens`` stays with the logged model."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
