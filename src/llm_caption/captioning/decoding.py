@@ -75,19 +75,32 @@ def greedy_decode(model: nn.Module, feats: torch.Tensor, max_len: int = 30,
 @torch.inference_mode()
 def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_len: int = 30,
                 length_penalty: float = 0.0, return_alphas: bool = False) -> Decoded:
-    """Batched beam search: ``beam_size`` hypotheses for each of the ``B`` images in ``feats`` ``[B, P, C]``."""
+    """Batched beam search: ``beam_size`` hypotheses for each of the ``B`` images in ``feats`` ``[B, P, C]``.
+
+    The beams of image ``b`` are rows ``b * K .. b * K + K - 1`` throughout. What depends on the image alone is
+    computed once per image (``init_state`` on ``B`` rows, expanded with ``reorder_state(..., group=K)``, which
+    lets Show-Attend-and-Tell keep one feature grid per image instead of copying it to every beam every step);
+    the numbers are those of ``init_state`` on every beam's row, bit for bit (checked in the tests).
+    Tokens (and attention maps) are read back at the end from each step's back-pointers.
+
+    Every row goes through the model every step, finished or not: dropping finished images from the batch
+    would change the shape of the matrix products, and CPU BLAS kernels (a matrix-vector product above all)
+    then round differently, so captions could differ from one batch size to another in near-ties.
+    """
     model.eval()
     batch, k = feats.shape[0], beam_size
     flat = batch * k
-    state = model.init_state(feats.repeat_interleave(k, dim=0))
+    if batch >= 4:  # the image's state once, then one copy of its rows per beam
+        state = model.reorder_state(model.init_state(feats), torch.arange(batch).repeat_interleave(k), group=k)
+    else:  # BLAS rounds products of 1-3 rows differently: the same rows as one row per beam would give
+        state = model.reorder_state(model.init_state(feats.repeat_interleave(k, dim=0)), torch.arange(flat), group=k)
     scores = torch.full((batch, k), float("-inf"))
     scores[:, 0] = 0.0  # all beams start identical: expand only the first one
     prev = torch.full((flat,), SOS, dtype=torch.long)
     finished = torch.zeros(flat, dtype=torch.bool)
     lengths = torch.zeros(flat)
-    history = torch.zeros(flat, 0, dtype=torch.long)
-    alpha_hist = None
     offsets = (torch.arange(batch) * k).unsqueeze(1)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (origin, token, alpha) per step
     for _ in range(max_len):
         logits, state, alpha = model.step(state, prev)
         logp = torch.log_softmax(logits.float(), dim=-1)
@@ -99,23 +112,26 @@ def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_l
         scores, idx = cand.topk(k, dim=1)
         origin = (offsets + idx // vocab).reshape(-1)
         prev = (idx % vocab).reshape(-1)
-        state = model.reorder_state(state, origin)
+        steps.append((origin, prev, alpha if return_alphas else None))
         finished, lengths = finished[origin], lengths[origin]
-        history = torch.cat([history[origin], prev.unsqueeze(1)], dim=1)
-        if alpha is not None and return_alphas:
-            step_alpha = alpha.index_select(0, origin).unsqueeze(1)
-            alpha_hist = step_alpha if alpha_hist is None else torch.cat([alpha_hist[origin], step_alpha], dim=1)
         lengths = lengths + (~finished).float()
         finished = finished | (prev == EOS)
         if bool(finished.all()):
             break
+        state = model.reorder_state(state, origin, group=k)
     normed = scores / lengths.reshape(batch, k).clamp(min=1.0) ** length_penalty if length_penalty else scores
     best = (offsets.squeeze(1) + normed.argmax(dim=1))
-    ids = history[best].tolist()
+    rows, token_cols, alpha_cols = best, [], []
+    for origin, token, step_alpha in reversed(steps):  # follow the back-pointers of the chosen hypotheses
+        token_cols.append(token[rows])
+        if step_alpha is not None:
+            alpha_cols.append(step_alpha[origin[rows]])
+        rows = origin[rows]
+    ids = torch.stack(token_cols[::-1], dim=1).tolist() if token_cols else [[] for _ in range(batch)]
     tokens = [_cut(row) for row in ids]
     result = Decoded(tokens, scores=normed.max(dim=1).values.tolist())
-    if return_alphas and alpha_hist is not None:
-        chosen = alpha_hist[best]
+    if return_alphas and alpha_cols:
+        chosen = torch.stack(alpha_cols[::-1], dim=1)
         result.alphas = [chosen[i, : len(t)] for i, t in enumerate(tokens)]
     return result
 

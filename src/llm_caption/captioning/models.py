@@ -7,7 +7,11 @@ All decoders share one interface so that training and decoding never branch on t
   ``logits`` is ``[B, T, V]`` (the prediction of the token after each input token),
   ``alphas`` is ``[B, T, P]`` for attention models and ``None`` otherwise.
 * ``init_state(feats)`` / ``step(state, prev_tokens) -> (logits [B, V], state, alpha [B, P] | None)``
-  / ``reorder_state(state, index)`` -- one decoding step at a time, for greedy and beam search.
+  / ``reorder_state(state, index, group=1)`` -- one decoding step at a time, for greedy and beam search.
+  ``reorder_state`` makes row ``j`` of the new state a copy of row ``index[j]``; with ``group > 1`` the new
+  rows come in blocks of ``group`` that each descend from one image (the beams of an image), and a decoder
+  may then keep what depends on the image only (Show-Attend-and-Tell's feature grid and its attention
+  projection) once per block instead of once per row.
 * ``aux_loss(alphas, mask)`` -- the architecture's regulariser (doubly stochastic attention for
   Show-Attend-and-Tell, zero otherwise).
 """
@@ -50,7 +54,7 @@ class ShowTell(nn.Module):
         return self.fc(out[:, 0]), state, None
 
     @staticmethod
-    def reorder_state(state, index: torch.Tensor):
+    def reorder_state(state, index: torch.Tensor, group: int = 1):
         h, c = state
         return h.index_select(1, index), c.index_select(1, index)
 
@@ -117,12 +121,41 @@ class ShowAttendTell(nn.Module):
         return self.fc(self.dropout(torch.stack(outs, dim=1))), torch.stack(alphas, dim=1)
 
     def step(self, state, prev_tokens: torch.Tensor):
-        h, state, alpha = self._advance(state, self.embed(prev_tokens))
-        return self.fc(h), state, alpha
+        """One word for every row of ``state``. The feature grid (and its attention projection) either has one
+        row per decoder row, as ``init_state`` makes it, or one row per block of rows (the beams of one image,
+        see ``reorder_state``): the same numbers, without a copy of the grid for every beam."""
+        h, c, feats, feats_att = state
+        if feats.shape[0] == h.shape[0]:
+            h, state, alpha = self._advance(state, self.embed(prev_tokens))
+            return self.fc(h), state, alpha
+        rows, images = h.shape[0], feats.shape[0]
+        group = rows // images
+        att = self.attention
+        # AdditiveAttention on [images, group, P, .] views: elementwise the same operations, in the same order.
+        hidden = att.hidden_att(h).reshape(images, group, 1, -1)
+        e = att.score(torch.tanh(feats_att.unsqueeze(1) + hidden)).squeeze(3)  # [images, group, P]
+        alpha = torch.softmax(e, dim=2)
+        context = (feats.unsqueeze(1) * alpha.unsqueeze(3)).sum(dim=2).reshape(rows, -1)
+        alpha = alpha.reshape(rows, -1)
+        context = torch.sigmoid(self.f_beta(h)) * context
+        h, c = self.cell(torch.cat([self.embed(prev_tokens), context], dim=1), (h, c))
+        return self.fc(h), (h, c, feats, feats_att), alpha
 
     @staticmethod
-    def reorder_state(state, index: torch.Tensor):
-        return tuple(s.index_select(0, index) for s in state)
+    def reorder_state(state, index: torch.Tensor, group: int = 1):
+        """Rows ``index`` of the hidden state. With ``group > 1`` the grid stays one row per image (a block of
+        ``group`` new rows descends from one image); a grid that is already per image is only re-selected
+        when the images change (a beam search dropping finished images), never copied per beam."""
+        h, c, feats, feats_att = state
+        shared = h.shape[0] // feats.shape[0]  # rows per grid row now
+        if group == 1 and shared == 1:
+            return tuple(s.index_select(0, index) for s in state)
+        images = index[::group] // shared if group > 1 else index // shared
+        same = images.shape[0] == feats.shape[0] and torch.equal(images, torch.arange(feats.shape[0],
+                                                                              device=images.device))
+        if not same:
+            feats, feats_att = feats.index_select(0, images), feats_att.index_select(0, images)
+        return h.index_select(0, index), c.index_select(0, index), feats, feats_att
 
     def aux_loss(self, alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Doubly stochastic regularisation: each position's attention summed over the words is pushed to 1."""
@@ -175,7 +208,7 @@ class CNNTransformer(nn.Module):
         return self.decode(memory, tokens)[:, -1], (memory, tokens), None
 
     @staticmethod
-    def reorder_state(state, index: torch.Tensor):
+    def reorder_state(state, index: torch.Tensor, group: int = 1):
         return tuple(s.index_select(0, index) for s in state)
 
     def aux_loss(self, alphas, mask) -> torch.Tensor:
