@@ -11,10 +11,12 @@ would send them (the model itself never opens a path).
 
 Start-up is most of a call's time, so the command does no more than it must: MLflow and torch are
 imported only once the arguments are valid, a ``models:/name@alias`` (or ``/version``) URI in a local
-sqlite store is resolved with one read-only query of the store's registry tables and its files loaded
-from where they lie (no tracking/registry store set-up, no artifact copy), and the installed-package
-scan that compares the model's pip requirements with this environment is skipped (the command runs in
-the project's own environment, whose pins the requirements were written from).
+sqlite store is resolved with one read-only query of the store's registry tables and the captioner
+built from the files of its folder where they lie (no ``mlflow.pyfunc``, no unpickling, no tracking or
+registry store set-up, no artifact copy; another kind of model there, or another store, goes through
+``mlflow.pyfunc.load_model``), and the installed-package scan that compares the model's pip requirements
+with this environment is skipped (the command runs in the project's own environment, whose pins the
+requirements were written from).
 """
 
 from __future__ import annotations
@@ -97,13 +99,35 @@ def local_registered_model(store_uri: str, model_uri: str) -> str | None:
     return str(folder) if (folder / "MLmodel").is_file() else None
 
 
+class LocalCaptioner:
+    """A captioner loaded from its local folder without MLflow, answering as the pyfunc model would."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor = predictor
+
+    def predict(self, frame):
+        return self.predictor.predict(None, frame)
+
+    def unwrap_python_model(self):
+        return self.predictor
+
+
 def load_registered(store_uri: str, model_uri: str):
-    """The pyfunc model of ``model_uri``: from its local folder when the store is a local sqlite file, else
+    """The model of ``model_uri``: a captioner in a local folder of a local sqlite store is loaded from its
+    artifacts directly (:func:`llm_caption.captioning.pyfunc.load_local`, no MLflow import); anything else
     through MLflow's registry. The pip-requirement scan of the environment is skipped (see the module doc)."""
+    folder = local_registered_model(store_uri, model_uri)
+    if folder is not None:
+        from .captioning.pyfunc import load_local
+
+        predictor = load_local(folder)
+        if predictor is not None:
+            return LocalCaptioner(predictor)
     import mlflow
 
-    return mlflow.pyfunc.load_model(local_registered_model(store_uri, model_uri) or model_uri,
-                                    suppress_warnings=True)
+    mlflow.set_tracking_uri(store_uri)
+    mlflow.set_registry_uri(store_uri)
+    return mlflow.pyfunc.load_model(folder or model_uri, suppress_warnings=True)
 
 
 def rows_per_request(model) -> int:
@@ -137,13 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model, caption the images, print the captions; exit status 1 if any image failed."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    import mlflow
-
     from .tracking import reachable_store_uri
 
     uri = reachable_store_uri(args.tracking_uri, args.env)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     model = load_registered(uri, args.model_uri)
     failed = False
     for path, (caption, error) in zip(args.images, caption_files(model, list(args.images))):

@@ -71,3 +71,62 @@ def test_cli_names_a_file_it_cannot_read_and_captions_the_rest(logged, tmp_path)
     path, caption = lines[1].split("\t")
     assert path == good and caption and not caption.startswith("ERROR")
     assert lines[2].startswith(f"{broken}\tERROR: the 14 bytes are not an image in an accepted format")
+
+
+@pytest.fixture(scope="module")
+def registered(logged):
+    """The logged captioner registered as ``image-captioner`` with the alias ``champion`` in the same store."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(logged["tracking"])
+    try:
+        version = mlflow.register_model(logged["uri"], "image-captioner").version
+        mlflow.MlflowClient().set_registered_model_alias("image-captioner", "champion", version)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return {**logged, "alias_uri": "models:/image-captioner@champion",
+            "version_uri": f"models:/image-captioner/{version}"}
+
+
+def test_cli_on_a_registered_alias_loads_the_folder_without_mlflow_and_prints_the_same(registered):
+    """``models:/name@alias`` in a local sqlite store: the captioner is built from its folder's files (no
+    ``mlflow.pyfunc``, no unpickling) and prints what the model loaded through MLflow prints."""
+    paths = registered["cap"]["image_paths"][:3]
+    through_mlflow = _cli(registered, *paths)
+    assert through_mlflow.returncode == 0, through_mlflow.stderr[-2000:]
+    for uri in (registered["alias_uri"], registered["version_uri"]):
+        run = subprocess.run([sys.executable, "-m", "llm_caption.caption", *paths, "--model-uri", uri,
+                              "--tracking-uri", registered["tracking"]], capture_output=True, text=True, timeout=300,
+                             cwd=registered["root"])
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout == through_mlflow.stdout
+    probe = ("import sys\n"
+             "from llm_caption.caption import caption_files, load_registered\n"
+             f"model = load_registered({registered['tracking']!r}, {registered['alias_uri']!r})\n"
+             f"out = caption_files(model, {paths[:1]!r})\n"
+             "print(type(model).__name__, 'mlflow.pyfunc' in sys.modules, bool(out[0][0]), out[0][1] == '')\n")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=registered["root"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["LocalCaptioner", "False", "True", "True"]
+
+
+def test_load_local_leaves_other_models_to_mlflow(registered, tmp_path):
+    """A folder whose pickled python model is not this project's captioner (or that is not a model folder)
+    is not loaded by hand: ``load_local`` says None and the command goes through ``mlflow.pyfunc``."""
+    import pickle
+    import shutil
+    from collections import OrderedDict
+
+    from llm_caption.caption import local_registered_model
+    from llm_caption.captioning.pyfunc import CaptionerPredictor, load_local
+
+    folder = local_registered_model(registered["tracking"], registered["alias_uri"])
+    assert folder is not None
+    assert isinstance(load_local(folder), CaptionerPredictor)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "python_model.pkl").write_bytes(pickle.dumps(OrderedDict()))
+    assert load_local(other) is None
+    (other / "MLmodel").write_text("flavors: {}\n")
+    assert load_local(other) is None
+    assert load_local(tmp_path / "missing") is None

@@ -29,12 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from ..limits import check_positive_ints, config_values
@@ -42,8 +38,20 @@ from ..limits import check_positive_ints, config_values
 logger = logging.getLogger(__name__)
 
 INPUT_COLUMN = "image"
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-                           outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]))
+
+
+def _signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+                          outputs=Schema([ColSpec("string", "caption"), ColSpec("string", "error")]))
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
 
 
 @dataclass(frozen=True)
@@ -127,17 +135,17 @@ def request_values(model_input: Any, limits: ServingLimits) -> list[Any]:
     """The ``image`` values of a request; ``MlflowException`` (one line, HTTP 400) when the request itself is bad."""
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN not in model_input.columns:
-            raise MlflowException.invalid_parameter_value(
+            raise _bad_request(
                 f"the request needs an '{INPUT_COLUMN}' column of base64 image bytes; got columns "
                 f"{[str(c) for c in model_input.columns][:10]}")
         values = model_input[INPUT_COLUMN].tolist()
     elif isinstance(model_input, (list, tuple, pd.Series)):
         values = list(model_input)
     else:
-        raise MlflowException.invalid_parameter_value(
+        raise _bad_request(
             f"expected a DataFrame with an '{INPUT_COLUMN}' column, got {type(model_input).__name__}")
     if len(values) > limits.max_rows:
-        raise MlflowException.invalid_parameter_value(
+        raise _bad_request(
             f"the request has {len(values):,} rows; this model takes at most {limits.max_rows} per request")
     return values
 
@@ -187,8 +195,10 @@ class Captioner:
         return out
 
 
-class CaptionerModel(mlflow.pyfunc.PythonModel):
-    """MLflow wrapper around :class:`Captioner`; every request is checked against :class:`ServingLimits`."""
+class CaptionerPredictor:
+    """What the served captioner does (load its artifacts, answer a request), without MLflow:
+    :class:`CaptionerModel` is this as an MLflow ``PythonModel``, and ``python -m llm_caption.caption`` loads
+    it straight from a registered model's folder (:func:`load_local`)."""
 
     def load_context(self, context) -> None:
         art = context.artifacts
@@ -217,6 +227,61 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"caption": captions, "error": errors})
 
 
+def _captioner_model_class() -> type:
+    import mlflow.pyfunc
+
+    cls = type("CaptionerModel", (CaptionerPredictor, mlflow.pyfunc.PythonModel), {
+        "__module__": __name__, "__qualname__": "CaptionerModel",
+        "__doc__": "MLflow wrapper around :class:`Captioner`; every request is checked against "
+                   ":class:`ServingLimits`."})
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """``CaptionerModel`` (and ``SIGNATURE``) are made on first use, so that importing this module does not
+    import MLflow (a second or more of a command's start-up); pickles of logged models name
+    ``llm_caption.captioning.pyfunc.CaptionerModel`` and find it here."""
+    if name == "CaptionerModel":
+        globals()[name] = _captioner_model_class()
+        return globals()[name]
+    if name == "SIGNATURE":
+        globals()[name] = _signature()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Context:
+    def __init__(self, artifacts: dict[str, str]) -> None:
+        self.artifacts = artifacts
+
+
+def load_local(folder: str | Path) -> CaptionerPredictor | None:
+    """The captioner logged by :func:`log_captioner` in the local model folder ``folder`` (the one holding
+    ``MLmodel``), loaded without MLflow: its ``python_function`` artifacts handed to
+    :meth:`CaptionerPredictor.load_context`. None when the folder holds another kind of model (its pickled
+    python model names another class), and the caller then loads it through MLflow."""
+    import pickletools
+
+    import yaml
+
+    folder = Path(folder)
+    try:
+        flavor = (yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {})["flavors"]["python_function"]
+        pickled = (folder / flavor["python_model"]).read_bytes()
+        artifacts = {name: str(folder / spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
+        # The pickle is only read, never run: it must be a bare CaptionerModel of this module.
+        strings = [arg for op, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)]
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+    if (flavor.get("loader_module") != "mlflow.pyfunc.model" or flavor.get("code")
+            or strings[:2] != [__name__, "CaptionerModel"]
+            or set(artifacts) != {"config", "decoder", "vocab", "encoder_weights"}):
+        return None
+    predictor = CaptionerPredictor()
+    predictor.load_context(_Context(artifacts))
+    return predictor
+
+
 def log_captioner(decoder: torch.nn.Module, config: Mapping[str, Any], vocab: Mapping[str, Any],
                   encoder_weights: str, name: str = "image-captioner",
                   serving: Mapping[str, Any] | None = None) -> str:
@@ -225,6 +290,8 @@ def log_captioner(decoder: torch.nn.Module, config: Mapping[str, Any], vocab: Ma
     ``serving`` (or ``config["serving"]``) sets the request limits (:class:`ServingLimits`); it is
     validated here and stored complete in the model's config, so the served model never guesses.
     """
+    import mlflow
+
     serving_cfg = {**dict(config.get("serving") or {}), **dict(serving or {})}
     config = {**dict(config), "serving": ServingLimits.from_config(serving_cfg).to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,10 +303,10 @@ def log_captioner(decoder: torch.nn.Module, config: Mapping[str, Any], vocab: Ma
         shutil.copy2(encoder_weights, weights_copy)
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=CaptionerModel(),
+            python_model=__getattr__("CaptionerModel")(),
             artifacts={"decoder": str(tmp_path / "decoder.pt"), "config": str(tmp_path / "config.json"),
                        "vocab": str(tmp_path / "vocab.json"), "encoder_weights": str(weights_copy)},
-            signature=SIGNATURE,
+            signature=_signature(),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "torchvision", "pillow",
                               "pandas", f"mlflow=={mlflow.__version__}", "llm_caption"],
         )
