@@ -206,3 +206,25 @@ def test_reorder_state_keeps_one_feature_grid_per_image():
         grouped_logits, _, grouped_alpha = model.step(state, prev)
         row_logits, _, row_alpha = model.step(expanded, prev)
         assert torch.equal(grouped_logits, row_logits) and torch.equal(grouped_alpha, row_alpha)
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_dropping_finished_images_is_the_same_search(arch):
+    """``drop_finished``: images whose hypotheses have all ended leave the model's batch; the captions are those
+    of the full search (scores to rounding), with attention maps, on a trained model whose captions end at
+    different steps, and the chunked decoding passes it on."""
+    model, feats = _trained(arch)
+    feats = torch.cat([feats, torch.randn(8, P, DIM)])
+    for beam_size, length_penalty in ((3, 0.0), (4, 0.7), (2, 0.5)):
+        full = beam_search(model, feats, beam_size, 12, length_penalty, return_alphas=True)
+        dropped = beam_search(model, feats, beam_size, 12, length_penalty, return_alphas=True, drop_finished=True)
+        assert len({len(t) for t in full.tokens}) > 1
+        assert dropped.tokens == full.tokens
+        assert dropped.scores == pytest.approx(full.scores, abs=1e-5)
+        if full.alphas is None:
+            assert dropped.alphas is None
+        else:
+            for a, b in zip(dropped.alphas, full.alphas):
+                torch.testing.assert_close(a, b)
+    chunked = decode_batched(model, feats, batch_size=5, beam_size=3, max_len=12, drop_finished=True)
+    assert chunked.tokens == decode_batched(model, feats, batch_size=5, beam_size=3, max_len=12).tokens

@@ -74,7 +74,7 @@ def greedy_decode(model: nn.Module, feats: torch.Tensor, max_len: int = 30,
 
 @torch.inference_mode()
 def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_len: int = 30,
-                length_penalty: float = 0.0, return_alphas: bool = False) -> Decoded:
+                length_penalty: float = 0.0, return_alphas: bool = False, drop_finished: bool = False) -> Decoded:
     """Batched beam search: ``beam_size`` hypotheses for each of the ``B`` images in ``feats`` ``[B, P, C]``.
 
     The beams of image ``b`` are rows ``b * K .. b * K + K - 1`` throughout. What depends on the image alone is
@@ -83,9 +83,14 @@ def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_l
     the numbers are those of ``init_state`` on every beam's row, bit for bit (checked in the tests).
     Tokens (and attention maps) are read back at the end from each step's back-pointers.
 
-    Every row goes through the model every step, finished or not: dropping finished images from the batch
-    would change the shape of the matrix products, and CPU BLAS kernels (a matrix-vector product above all)
-    then round differently, so captions could differ from one batch size to another in near-ties.
+    By default every row goes through the model every step, finished or not, until the last hypothesis of
+    the batch ends. ``drop_finished=True`` leaves out of the model's batch every image all of whose hypotheses
+    have ended (their rows would only be overwritten: a finished hypothesis carries its score on ``<eos>``;
+    the selection still runs over every row). That is the same search, but the matrix products change shape
+    as images leave, and CPU BLAS kernels (a matrix-vector product above all) then round differently in the
+    last bits: scores and attention maps agree to ~1e-6 rather than bit for bit, and a caption can differ
+    where two hypotheses tie to that precision -- as captions of the default search already can from one
+    batch size to another.
     """
     model.eval()
     batch, k = feats.shape[0], beam_size
@@ -100,10 +105,18 @@ def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_l
     finished = torch.zeros(flat, dtype=torch.bool)
     lengths = torch.zeros(flat)
     offsets = (torch.arange(batch) * k).unsqueeze(1)
+    active = torch.arange(batch)  # images whose rows the model's state holds, in order (drop_finished)
+    active_rows: torch.Tensor | None = None  # their flat rows; None: every row
     steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (origin, token, alpha) per step
     for _ in range(max_len):
-        logits, state, alpha = model.step(state, prev)
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logits, state, alpha = model.step(state, prev if active_rows is None else prev[active_rows])
+        if active_rows is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+        else:  # the rows left out are all finished: -inf, and 0 on <eos>, below
+            logp = torch.full((flat, logits.shape[-1]), float("-inf"))
+            logp[active_rows] = torch.log_softmax(logits.float(), dim=-1)
+            if alpha is not None and return_alphas:
+                alpha = alpha.new_zeros(flat, alpha.shape[-1]).index_copy_(0, active_rows, alpha)
         vocab = logp.shape[-1]
         if bool(finished.any()):
             logp[finished] = float("-inf")
@@ -118,7 +131,15 @@ def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_l
         finished = finished | (prev == EOS)
         if bool(finished.all()):
             break
-        state = model.reorder_state(state, origin, group=k)
+        if not drop_finished:
+            state = model.reorder_state(state, origin, group=k)
+            continue
+        keep = (~finished.reshape(batch, k).all(dim=1))[active].nonzero().squeeze(1)  # positions in `active`
+        active = active[keep]
+        rows = (active * k).unsqueeze(1) + torch.arange(k)  # [A, K] flat rows of the images kept
+        index = (keep * k).unsqueeze(1) + origin[rows] - (active * k).unsqueeze(1)  # their rows in the state
+        state = model.reorder_state(state, index.reshape(-1), group=k)
+        active_rows = None if active.shape[0] == batch else rows.reshape(-1)
     normed = scores / lengths.reshape(batch, k).clamp(min=1.0) ** length_penalty if length_penalty else scores
     best = (offsets.squeeze(1) + normed.argmax(dim=1))
     rows, token_cols, alpha_cols = best, [], []
@@ -137,8 +158,10 @@ def beam_search(model: nn.Module, feats: torch.Tensor, beam_size: int = 3, max_l
 
 
 def decode_batched(model: nn.Module, feats: torch.Tensor, batch_size: int = 64, beam_size: int = 1,
-                   max_len: int = 30, length_penalty: float = 0.0, return_alphas: bool = False) -> Decoded:
-    """Decode many images in chunks of ``batch_size`` (fp16 cache rows are cast to float per chunk)."""
+                   max_len: int = 30, length_penalty: float = 0.0, return_alphas: bool = False,
+                   drop_finished: bool = False) -> Decoded:
+    """Decode many images in chunks of ``batch_size`` (fp16 cache rows are cast to float per chunk);
+    ``drop_finished``: see :func:`beam_search`."""
     tokens: list[list[int]] = []
     alphas: list[torch.Tensor] = []
     for start in range(0, feats.shape[0], batch_size):
@@ -146,7 +169,7 @@ def decode_batched(model: nn.Module, feats: torch.Tensor, batch_size: int = 64, 
         if beam_size == 1:
             res = greedy_decode(model, chunk, max_len, return_alphas)
         else:
-            res = beam_search(model, chunk, beam_size, max_len, length_penalty, return_alphas)
+            res = beam_search(model, chunk, beam_size, max_len, length_penalty, return_alphas, drop_finished)
         tokens.extend(res.tokens)
         if res.alphas:
             alphas.extend(res.alphas)
