@@ -25,6 +25,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True)
+def restore_mlflow_globals():
+    """Put MLflow's process-wide settings back after every test.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` keep the URI in module globals and export
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; ``set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``.
+    Left over, a registry URI set by one test (e.g. through ``llm_caption.caption.load_registered``) makes a
+    later test's ``MlflowClient(tracking_uri=...)`` read another store's registry.
+    """
+    environ = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    try:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+    except ImportError:  # pragma: no cover - MLflow is a dependency of the project
+        yield
+        return
+    uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in environ:
+            del os.environ[key]
+    os.environ.update(environ)
+
+
 def make_project_copy(dest: Path) -> Path:
     """Copy what a Kedro run needs (conf/, pyproject.toml) into ``dest`` with empty data layers."""
     dest.mkdir(parents=True, exist_ok=True)

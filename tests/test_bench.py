@@ -127,7 +127,7 @@ def test_commands_resolve_a_registered_model_in_a_sqlite_store_to_the_folder_mlf
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # load_registered below also sets the registry URI; conftest puts both back
     try:
         experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):

@@ -127,7 +127,8 @@ def test_caption_pipeline_under_torchrun_tracks_and_registers_once(tmp_path, mon
     assert "Processgroup:rank0of2" in log and "Processgroup:rank1of2" in log
     assert "caption_registration(MemoryDataset)" in log  # rank 1's decision stays in memory
 
-    client = MlflowClient(tracking_uri=store_uri(project, "smoke"))
+    uri = store_uri(project, "smoke")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "llm_caption.parent_run_id" not in r.data.tags]
     children = [r for r in runs if "llm_caption.parent_run_id" in r.data.tags]

@@ -144,7 +144,8 @@ def test_study_under_torchrun_tracks_writes_and_registers_once(tmp_path, tiny_sp
     assert list(results["method"]) == methods and (results["status"] == "ok").all()
     assert (results["world_size"] == 2).all()
 
-    client = MlflowClient(tracking_uri=store_uri(project, "smoke"))
+    uri = store_uri(project, "smoke")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments)
     parents = [r for r in runs if "llm_caption.parent_run_id" not in r.data.tags]

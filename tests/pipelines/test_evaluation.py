@@ -148,12 +148,16 @@ def test_evaluation_pipeline_scores_and_logs_on_model_runs(kedro_project):
     metrics = pd.read_csv(data_root(kedro_project) / "08_reporting" / "caption_metrics.csv")
     assert set(metrics["architecture"]) == set(PREDICTIONS) and set(metrics["split"]) == {"val", "test"}
     expected = {f"{impl}_bleu_{n}" for impl in ("nltk", "coco") for n in range(1, 5)} | {"meteor", "rouge_l", "cider_d"}
-    assert set(metrics["metric"]) == expected
+    assert set(metrics["metric"]) == expected | {"distinct_captions", "vocab_used"}
     assert metrics["value"].notna().all() and metrics["implementation"].str.len().gt(0).all()
     test = metrics[metrics["split"] == "test"].set_index(["architecture", "metric"])["value"]
     # show_attend_tell's captions are closer to the references in this fixture
     assert test[("show_attend_tell", "cider_d")] > test[("show_tell", "cider_d")]
     assert test[("show_attend_tell", "meteor")] > test[("show_tell", "meteor")]
+    # diversity: distinct captions per image and distinct words, counted from the fixture's own captions
+    for arch, captions in PREDICTIONS.items():
+        assert test[(arch, "distinct_captions")] == 1.0  # five different captions for five images
+        assert test[(arch, "vocab_used")] == len({w for c in captions.values() for w in c.split()})
 
     per_image = pd.read_parquet(data_root(kedro_project) / "08_reporting" / "caption_per_image_scores.parquet")
     assert len(per_image) == 2 * 2 * len(CAPTIONS)
