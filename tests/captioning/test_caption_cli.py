@@ -130,3 +130,13 @@ def test_load_local_leaves_other_models_to_mlflow(registered, tmp_path):
     (other / "MLmodel").write_text("flavors: {}\n")
     assert load_local(other) is None
     assert load_local(tmp_path / "missing") is None
+    # an MLmodel whose artifact path leads out of the folder is not followed
+    import yaml
+
+    outside = tmp_path / "outside"
+    shutil.copytree(folder, outside)
+    mlmodel = yaml.safe_load((outside / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["artifacts"]["vocab"]["path"] = "../secret.json"
+    (tmp_path / "secret.json").write_text("{}")
+    (outside / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    assert load_local(outside) is None

@@ -277,6 +277,9 @@ def load_local(folder: str | Path) -> CaptionerPredictor | None:
             or strings[:2] != [__name__, "CaptionerModel"]
             or set(artifacts) != {"config", "decoder", "vocab", "encoder_weights"}):
         return None
+    root = folder.resolve()
+    if not all(Path(path).resolve().is_relative_to(root) for path in artifacts.values()):
+        return None  # an artifact path leading out of the model's folder: left to MLflow's own checks
     predictor = CaptionerPredictor()
     predictor.load_context(_Context(artifacts))
     return predictor
