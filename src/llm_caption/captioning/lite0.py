@@ -1,0 +1,154 @@
+"""EfficientNet-lite0 in plain torch: the same network, parameter names and numbers as timm's
+``tf_efficientnet_lite0``, without importing timm (whose import pulls in torchvision and
+``torch._dynamo``, seconds of start-up for a captioning command).
+
+The TensorFlow port uses "SAME" padding: stride-1 convolutions pad symmetrically (``(k - 1) // 2``),
+stride-2 ones pad each input on the fly, the extra row/column going to the bottom/right
+(timm's ``Conv2dSame``). Every batch norm has eps 1e-3 and, except after the projection
+convolutions, a ReLU6. There is no squeeze-excite (the "lite" variants drop it).
+
+``state_dict()`` keys, shapes and order equal timm's (``conv_stem``, ``bn1``, ``blocks.{stage}.{block}.*``,
+``conv_head``, ``bn2``, ``classifier``), so timm checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+
+# (block type, repeats, kernel, stride of the first block, expansion, output channels) per stage:
+# timm's arch_def ['ds_r1_k3_s1_e1_c16'], ['ir_r2_k3_s2_e6_c24'], ... for depth/width multiplier 1.0
+LITE0_STAGES: tuple[tuple[str, int, int, int, int, int], ...] = (
+    ("ds", 1, 3, 1, 1, 16),
+    ("ir", 2, 3, 2, 6, 24),
+    ("ir", 2, 5, 2, 6, 40),
+    ("ir", 3, 3, 2, 6, 80),
+    ("ir", 3, 5, 1, 6, 112),
+    ("ir", 4, 5, 2, 6, 192),
+    ("ir", 1, 3, 1, 6, 320),
+)
+
+
+def _same_pad(size: int, kernel: int, stride: int) -> int:
+    """Total TF 'SAME' padding along one axis (timm's ``get_same_padding`` with dilation 1)."""
+    return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
+class Conv2dSame(nn.Conv2d):
+    """A convolution with TF 'SAME' padding computed from the input size (for strided convolutions)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, groups: int = 1) -> None:
+        super().__init__(in_chs, out_chs, kernel, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.weight.shape[-2:]
+        pad_h = _same_pad(x.shape[-2], kh, self.stride[0])
+        pad_w = _same_pad(x.shape[-1], kw, self.stride[1])
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+def _conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """timm's ``create_conv2d(..., padding='same')``: static symmetric padding when stride is 1."""
+    if stride == 1:
+        return nn.Conv2d(in_chs, out_chs, kernel, 1, padding=(kernel - 1) // 2, groups=groups, bias=False)
+    return Conv2dSame(in_chs, out_chs, kernel, stride, groups=groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Batch norm (eps 1e-3) followed by ReLU6 when ``act``; a ``BatchNorm2d``, so the same state_dict."""
+
+    def __init__(self, channels: int, act: bool = True) -> None:
+        super().__init__(channels, eps=BN_EPS)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return F.relu6(x, inplace=True) if self.act else x
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={'relu6' if self.act else None}"
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise conv, BN+ReLU6, pointwise projection, BN (residual when the shape is kept)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.conv_dw = _conv(in_chs, in_chs, kernel, stride, groups=in_chs)
+        self.bn1 = BatchNormAct2d(in_chs)
+        self.conv_pw = _conv(in_chs, out_chs, 1)
+        self.bn2 = BatchNormAct2d(out_chs, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+        return x + shortcut if self.has_skip else x
+
+
+class InvertedResidual(nn.Module):
+    """Pointwise expansion, BN+ReLU6, depthwise conv, BN+ReLU6, pointwise projection, BN (+ residual)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        mid_chs = in_chs * expansion
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.conv_pw = _conv(in_chs, mid_chs, 1)
+        self.bn1 = BatchNormAct2d(mid_chs)
+        self.conv_dw = _conv(mid_chs, mid_chs, kernel, stride, groups=mid_chs)
+        self.bn2 = BatchNormAct2d(mid_chs)
+        self.conv_pwl = _conv(mid_chs, out_chs, 1)
+        self.bn3 = BatchNormAct2d(out_chs, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        x = self.bn3(self.conv_pwl(x))
+        return x + shortcut if self.has_skip else x
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-lite0 (timm ``tf_efficientnet_lite0``): stem, 7 stages of blocks, 1x1 head to
+    ``num_features`` (1280) channels, average pool and a ``num_classes``-way classifier.
+
+    :meth:`forward_features` gives the ``[B, 1280, H/32, W/32]`` grid; :meth:`forward` the logits.
+    """
+
+    def __init__(self, num_classes: int = 1000, num_features: int = 1280, stem_size: int = 32) -> None:
+        super().__init__()
+        self.conv_stem = _conv(3, stem_size, 3, stride=2)
+        self.bn1 = BatchNormAct2d(stem_size)
+        stages: list[nn.Sequential] = []
+        in_chs = stem_size
+        for kind, repeats, kernel, stride, expansion, out_chs in LITE0_STAGES:
+            blocks: list[nn.Module] = []
+            for i in range(repeats):
+                s = stride if i == 0 else 1
+                if kind == "ds":
+                    blocks.append(DepthwiseSeparableConv(in_chs, out_chs, kernel, s))
+                else:
+                    blocks.append(InvertedResidual(in_chs, out_chs, kernel, s, expansion))
+                in_chs = out_chs
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = _conv(in_chs, num_features, 1)
+        self.bn2 = BatchNormAct2d(num_features)
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> feature grid ``[B, 1280, ceil(H/32), ceil(W/32)]``."""
+        x = self.bn1(self.conv_stem(x))
+        x = self.blocks(x)
+        return self.bn2(self.conv_head(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> ImageNet logits ``[B, num_classes]``."""
+        return self.classifier(F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1))
