@@ -6,6 +6,14 @@
 Run from the project root: the MLflow store is the one ``kedro run --env ENV`` uses
 (``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``; ``--env smoke``: ``mlruns/smoke.db``)
 unless ``--tracking-uri`` says otherwise.
+
+Start-up is most of a call's time, so a registered chat model is loaded the short way when it can be: a
+``models:/name@alias`` (or ``/version``) URI in a local sqlite store is resolved with one read-only query of the
+store's registry tables, and the model built from the files of its folder (its settings and adapter; no
+``mlflow.pyfunc``, no unpickling, no tracking or registry store set-up). With ``--tracking-uri`` naming an
+existing sqlite file, MLflow is not imported at all (finding the default store reads the project's config
+through ``llm_caption.tracking``, which imports it). A model logged before its settings were saved as an
+artifact, another kind of model, or another store goes through ``mlflow.pyfunc.load_model``.
 """
 
 from __future__ import annotations
@@ -69,6 +77,43 @@ def check_model_uri(uri: str) -> None:
                          f"{client._registry_uri}: {error.message.splitlines()[0]}") from None
 
 
+def store_uri(explicit: str | None, env: str | None) -> str:
+    """The store to read: ``explicit`` as given when it is an existing local sqlite file (nothing to check, no
+    project config to read, so MLflow is not imported), else :func:`llm_caption.tracking.reachable_store_uri`."""
+    from .caption import sqlite_file
+
+    db = sqlite_file(explicit) if explicit else None
+    if db is not None and db.is_file():
+        return explicit
+    from .tracking import reachable_store_uri
+
+    return reachable_store_uri(explicit, env)
+
+
+def load_chat_model(args: argparse.Namespace):
+    """``(model, refusals)``: the registered model of ``args.model_uri`` and the exception types with which it
+    refuses a request (each with a one-line ``message``). A chat model in a local sqlite store is built from its
+    folder (:func:`llm_caption.llm.pyfunc.load_local`); anything else is loaded through MLflow, after a clear
+    error for a URI that does not resolve."""
+    from .caption import local_registered_model
+    from .llm.pyfunc import ChatError, load_local
+
+    uri = store_uri(args.tracking_uri, args.env)
+    folder = local_registered_model(uri, args.model_uri)
+    model = load_local(folder) if folder is not None else None
+    if model is not None:
+        return model, (ChatError,)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .caption import load_registered
+
+    mlflow.set_tracking_uri(uri)
+    if folder is None:  # not found in a local store: a clear error if it does not exist
+        check_model_uri(args.model_uri)
+    return load_registered(uri, args.model_uri), (ChatError, MlflowException)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.message.strip():
@@ -81,21 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": args.message}]
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "repetition_penalty": 1.2}
     if args.model_uri:
-        import mlflow
-
-        from .caption import load_registered, local_registered_model
-        from .tracking import reachable_store_uri
-
-        uri = reachable_store_uri(args.tracking_uri, args.env)
-        mlflow.set_tracking_uri(uri)
-        if local_registered_model(uri, args.model_uri) is None:  # found in a local store: it exists
-            check_model_uri(args.model_uri)
-        from mlflow.exceptions import MlflowException
-
-        model = load_registered(uri, args.model_uri)
+        model, refusals = load_chat_model(args)
         try:
             reply = model.predict([messages], params=generation)[0]
-        except MlflowException as error:  # a request the model refuses: its one-line reason
+        except refusals as error:  # a request the model refuses: its one-line reason
             raise SystemExit(f"error: {error.message}") from None
     else:
         from .llm.adapters import load_finetuned

@@ -1,7 +1,8 @@
 """An MLflow pyfunc model that answers chat messages with the base model + a saved method.
 
-Logged with the saved method directory as artifact ``adapter``; on load it rebuilds the base
-model from the spec stored there (never ``trust_remote_code``) and applies the adapter.
+Logged with the saved method directory as artifact ``adapter`` and its generation settings and request
+limits as artifact ``settings`` (``chat_settings.json``); on load it rebuilds the base model from the spec
+stored with the adapter (never ``trust_remote_code``) and applies the adapter.
 
 Requests are untrusted. :class:`ChatLimits` caps conversations per request, messages per
 conversation, characters per message and ``max_new_tokens``; the only generation parameters a
@@ -12,19 +13,25 @@ Anything else, or a malformed input (``[5]``, ``[None]``, a DataFrame without a 
 column ...), is refused with one line
 (``MlflowException``: HTTP 400 when served) that says which input and what is wrong; no stack
 trace reaches the client.
+
+Importing this module does not import MLflow: :class:`ChatPredictor` is the model without it (its
+refusals are :class:`ChatRequestError`, with the same one line), ``PersianChatModel`` (the logged
+``PythonModel``) is made on first use, and :func:`load_local` builds the model of a local model folder
+from its files, without unpickling, for ``python -m llm_caption.chat``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import numbers
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import mlflow.pyfunc
-from mlflow.exceptions import MlflowException
 
 from ..limits import check_positive_ints, config_values
 
@@ -32,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": False, "repetition_penalty": 1.2}
 ROLES = ("system", "user", "assistant")
+SETTINGS_FILE = "chat_settings.json"  # artifact ``settings``: {"generation": ..., "limits": ...}
+ARTIFACTS = ("adapter", "settings")
+PARAM_TYPES = {"long", "double", "boolean", "string"}  # what generation_signature declares
 
 
 @dataclass(frozen=True)
@@ -59,9 +69,33 @@ class ChatLimits:
             values["repetition_penalty"] = tuple(float(v) for v in values["repetition_penalty"])
         return cls(**values)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "repetition_penalty": list(self.repetition_penalty)}
 
-def _refuse(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
+
+class ChatError(Exception):
+    """A request the chat model did not answer; ``message`` is the one line the client gets."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ChatRequestError(ChatError, ValueError):
+    """A request the chat model refuses (the input or a parameter); served: HTTP 400."""
+
+
+def _refuse(message: str) -> ChatRequestError:
+    return ChatRequestError(message)
+
+
+def as_mlflow_error(error: ChatError) -> Exception:
+    """The ``MlflowException`` MLflow gives the client for ``error`` (``INVALID_PARAMETER_VALUE`` for a refusal)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, ChatRequestError):
+        return MlflowException.invalid_parameter_value(error.message)
+    return MlflowException(error.message)
 
 
 def _describe(value: Any) -> str:
@@ -115,16 +149,24 @@ def _conversation(value: Any, where: str, limits: ChatLimits) -> list[dict[str, 
 
 
 def as_conversations(model_input: Any, limits: ChatLimits | None = None) -> list[list[dict[str, str]]]:
+    """:func:`check_conversations`, refusing with ``MlflowException`` (as the served model does)."""
+    try:
+        return check_conversations(model_input, limits)
+    except ChatError as error:
+        raise as_mlflow_error(error) from None
+
+
+def check_conversations(model_input: Any, limits: ChatLimits | None = None) -> list[list[dict[str, str]]]:
     """Check and normalise what ``predict`` accepts into a list of conversations.
 
     Accepted: a string; a list of strings (one question each); one conversation (a list of
     ``{"role", "content"}``, or ``{"messages": [...]}``); a list of conversations; a DataFrame with a
-    ``messages`` or ``prompt`` column. Anything else raises ``MlflowException`` with one line naming the input.
+    ``messages`` or ``prompt`` column. Anything else raises :class:`ChatRequestError` with one line naming the input.
     """
-    import pandas as pd
+    pd = sys.modules.get("pandas")  # not imported: the input is no DataFrame (and the chat command saves its import)
 
     limits = limits or ChatLimits()
-    if isinstance(model_input, pd.DataFrame):
+    if pd is not None and isinstance(model_input, pd.DataFrame):
         column = next((c for c in ("messages", "prompt") if c in model_input.columns), None)
         if column is None:
             raise _refuse(f"DataFrame input needs a 'messages' or 'prompt' column, has "
@@ -166,7 +208,17 @@ def _show(value: Any) -> str:
 
 def generation_settings(defaults: Mapping[str, Any], params: Mapping[str, Any] | None,
                         limits: ChatLimits) -> dict[str, Any]:
-    """The logged generation settings with a request's ``params`` applied, each checked against ``limits``.
+    """:func:`check_generation`, refusing with ``MlflowException`` (as the served model does)."""
+    try:
+        return check_generation(defaults, params, limits)
+    except ChatError as error:
+        raise as_mlflow_error(error) from None
+
+
+def check_generation(defaults: Mapping[str, Any], params: Mapping[str, Any] | None,
+                     limits: ChatLimits) -> dict[str, Any]:
+    """The logged generation settings with a request's ``params`` applied, each checked against ``limits``;
+    :class:`ChatRequestError` for a parameter out of range or unknown.
 
     ``do_sample`` may only repeat the logged setting (a client cannot switch sampling on).
     """
@@ -195,8 +247,10 @@ def generation_settings(defaults: Mapping[str, Any], params: Mapping[str, Any] |
     return settings
 
 
-class PersianChatModel(mlflow.pyfunc.PythonModel):
-    """Base chat model + fine-tuned method; ``predict`` returns one reply per conversation."""
+class ChatPredictor:
+    """What the served chat model does (load the adapter, answer a request), without MLflow: base chat model +
+    fine-tuned method; ``predict`` returns one reply per conversation. ``PersianChatModel`` is this as an MLflow
+    ``PythonModel``, and ``python -m llm_caption.chat`` loads it straight from a model's folder (:func:`load_local`)."""
 
     def __init__(self, generation: Mapping[str, Any] | None = None, limits: Mapping[str, Any] | None = None):
         self.limits = ChatLimits.from_config(limits)
@@ -212,18 +266,193 @@ class PersianChatModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_finetuned(Path(context.artifacts["adapter"]))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    def answer(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
+        """One reply per conversation of ``model_input``; :class:`ChatRequestError` refuses a request,
+        :class:`ChatError` says in one line that generation failed (the traceback goes to the log)."""
         from .generation import generate_answers
 
-        limits = getattr(self, "limits", None) or ChatLimits()
-        conversations = as_conversations(model_input, limits)
-        settings = generation_settings(self.generation, params, limits)
+        limits = getattr(self, "limits", None) or ChatLimits()  # a model pickled before limits existed
+        conversations = check_conversations(model_input, limits)
+        settings = check_generation(self.generation, params, limits)
         try:
             return generate_answers(self.model, self.tokenizer, conversations, settings)
         except Exception as exc:  # noqa: BLE001 - the client gets one line; the traceback stays in the server log
             logger.exception("chat generation failed")
             first = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise MlflowException(f"generation failed: {type(exc).__name__}: {first}") from None
+            raise ChatError(f"generation failed: {type(exc).__name__}: {first}") from None
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        """:meth:`answer` as MLflow calls it; refusals and failures are ``MlflowException``."""
+        try:
+            return self.answer(model_input, params)
+        except ChatError as error:
+            raise as_mlflow_error(error) from None
+
+    def settings(self) -> dict[str, Any]:
+        """What :func:`load_local` needs to rebuild this model without its pickle: the ``settings`` artifact."""
+        return {"generation": self.generation, "limits": self.limits.to_dict()}
+
+
+def _chat_model_class() -> type:
+    import mlflow.pyfunc
+
+    # ``predict`` in the class's own namespace, so MLflow wraps it as it wraps any PythonModel's predict.
+    return type("PersianChatModel", (ChatPredictor, mlflow.pyfunc.PythonModel), {
+        "__module__": __name__, "__qualname__": "PersianChatModel", "predict": ChatPredictor.predict,
+        "__doc__": "MLflow wrapper around :class:`ChatPredictor`; every request is checked against "
+                   ":class:`ChatLimits`."})
+
+
+def __getattr__(name: str) -> Any:
+    """``PersianChatModel`` is made on first use, so that importing this module does not import MLflow (a second
+    or more of the chat command's start-up); pickles of logged models name ``llm_caption.llm.pyfunc.PersianChatModel``
+    and find it here."""
+    if name == "PersianChatModel":
+        globals()[name] = _chat_model_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Context:
+    def __init__(self, artifacts: dict[str, str]) -> None:
+        self.artifacts = artifacts
+
+
+def _plain_param(value: Any, kind: str) -> tuple[bool, Any]:
+    """``(True, value as MLflow passes it on)`` for a request parameter of a plain Python type that MLflow takes
+    as it is (``long``: int; ``double``: float or int, as float; ``boolean``: bool; ``string``: str; None);
+    ``(False, None)`` for anything else, which MLflow's own check then judges."""
+    if value is None:
+        return True, None
+    if (kind, type(value)) in {("long", int), ("boolean", bool), ("string", str)}:
+        return True, value
+    if kind == "double" and type(value) in (float, int):
+        return True, float(value)
+    return False, None
+
+
+class LocalChatModel:
+    """A chat model loaded from its local folder without MLflow (:func:`load_local`).
+
+    ``predict(model_input, params)`` answers as ``mlflow.pyfunc.load_model(folder).predict`` does: the request's
+    ``params`` go through what MLflow does with the signature's params first (unknown names dropped with a
+    warning, missing ones given the logged defaults, types checked), then through the model's own checks. Its
+    refusals are :class:`ChatRequestError` and a failed generation :class:`ChatError`, with the one line an
+    ``MlflowException`` of the MLflow-loaded model carries. A parameter of an unusual type (a numpy scalar, a
+    string for a number) is checked by MLflow's own code, which is imported for it.
+    """
+
+    def __init__(self, predictor: ChatPredictor, params_json: str) -> None:
+        self.predictor = predictor
+        self.params_json = params_json
+        self.params_schema = [(str(p["name"]), str(p["type"]), p.get("default")) for p in json.loads(params_json)
+                              if p.get("shape") is None]
+        if len(self.params_schema) != len(json.loads(params_json)) or \
+                not {kind for _, kind, _ in self.params_schema} <= PARAM_TYPES:
+            raise ValueError(f"params {params_json[:200]}: only scalar {sorted(PARAM_TYPES)} params are read here")
+
+    def unwrap_python_model(self) -> ChatPredictor:
+        return self.predictor
+
+    def request_params(self, params: Any) -> dict[str, Any]:
+        """``params`` as MLflow hands them to the model for this signature (``_enforce_params_schema``): the
+        request's known names in its order, then the defaults of the others."""
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise _refuse(f"Parameters must be a dictionary. Got type '{type(params).__name__}'.")
+        params = {str(k): v for k, v in params.items()}
+        names = {name for name, _, _ in self.params_schema}
+        if ignored := set(params) - names:
+            logger.warning("Unrecognized params %s are ignored for inference. Supported params are: %s.",
+                           list(ignored), names)
+        out = {k: v for k, v in params.items() if k in names}
+        unusual = {}
+        for name, kind, default in self.params_schema:
+            if name not in out:
+                out[name] = default
+                continue
+            plain, value = _plain_param(out[name], kind)
+            if plain:
+                out[name] = value
+            else:
+                unusual[name] = out[name]
+        if unusual:
+            out.update(self._mlflow_params(unusual))
+        return out
+
+    def _mlflow_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        from mlflow.exceptions import MlflowException
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
+        specs = {spec.name: spec for spec in ParamSchema.from_json(self.params_json).params}
+        out, invalid = {}, set()
+        for name, value in params.items():
+            try:
+                out[name] = ParamSpec.validate_param_spec(value, specs[name])
+            except MlflowException as error:
+                invalid.add((name, error.message))
+        if invalid:
+            raise _refuse(f"Invalid parameters found: {invalid!r}")
+        return out
+
+    def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
+        return self.predictor.answer(model_input, self.request_params(params))
+
+
+def load_local(folder: str | Path) -> LocalChatModel | None:
+    """The chat model logged by :func:`log_chat_model` in the local model folder ``folder`` (the one holding
+    ``MLmodel``), loaded without MLflow and without unpickling: its settings read from the ``settings`` artifact,
+    its adapter from the ``adapter`` artifact. None when the folder holds another kind of model (its pickle names
+    another class, another loader, ``code`` to import, other artifacts), a model logged before the ``settings``
+    artifact existed, or an artifact path that leads out of the folder; the caller then loads it through MLflow."""
+    import pickletools
+
+    import yaml
+
+    folder = Path(folder)
+    root = folder.resolve()
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {}
+        flavor = meta["flavors"]["python_function"]
+        signature = meta.get("signature") or {}
+        paths = [folder / flavor["python_model"]]
+        artifacts = {name: str(folder / spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
+        paths += map(Path, artifacts.values())
+        if not all(path.resolve().is_relative_to(root) for path in paths):
+            return None  # a path leading out of the model's folder: left to MLflow's own checks
+        # The pickle is only read, never run: it must be a PersianChatModel of this module.
+        strings = [arg for _, arg, _ in pickletools.genops(paths[0].read_bytes()) if isinstance(arg, str)]
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    if (flavor.get("loader_module") != "mlflow.pyfunc.model" or flavor.get("code")
+            or strings[:2] != [__name__, "PersianChatModel"] or set(artifacts) != set(ARTIFACTS)
+            or signature.get("inputs") is not None or not isinstance(signature.get("params"), str)
+            or meta.get("is_signature_from_type_hint")):
+        return None
+    try:
+        settings = json.loads(Path(artifacts["settings"]).read_text(encoding="utf-8"))
+        predictor = ChatPredictor(settings["generation"], settings["limits"])
+        model = LocalChatModel(predictor, signature["params"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    predictor.load_context(_Context(artifacts))
+    return model
+
+
+def write_settings(model: ChatPredictor, folder: Path) -> Path:
+    """Write ``model``'s :meth:`ChatPredictor.settings` as ``folder/chat_settings.json``; a setting that JSON
+    would not give back as it is (a tuple, a numpy number) is an error naming it."""
+    settings = model.settings()
+    text = json.dumps(settings, indent=2, ensure_ascii=False)
+    back = json.loads(text)
+    for part in settings:
+        for key, value in settings[part].items():
+            if back[part][key] != value or type(back[part][key]) is not type(value):
+                raise ValueError(f"chat model {part}.{key} = {value!r} ({type(value).__name__}) is not a JSON value "
+                                 "(use a list, a number, a string, a boolean or null)")
+    path = folder / SETTINGS_FILE
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def log_chat_model(adapter_dir: str | Path, generation: Mapping[str, Any] | None = None,
@@ -232,16 +461,21 @@ def log_chat_model(adapter_dir: str | Path, generation: Mapping[str, Any] | None
     """Log the pyfunc model of ``adapter_dir`` in the active MLflow run; returns the ``ModelInfo``.
 
     The signature declares the generation settings as inference-time ``params`` (defaults: ``generation``);
-    ``limits`` (:class:`ChatLimits` fields) caps what a request may ask.
+    ``limits`` (:class:`ChatLimits` fields) caps what a request may ask. Both are also logged as the ``settings``
+    artifact, from which :func:`load_local` rebuilds the model without unpickling it.
     """
+    import mlflow.pyfunc
+
     settings = {**DEFAULT_GENERATION, **dict(generation or {})}
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=PersianChatModel(settings, limits),
-        artifacts={"adapter": str(adapter_dir)},
-        signature=generation_signature(settings),
-        pip_requirements=pip_requirements or project_requirements(),
-    )
+    model = __getattr__("PersianChatModel")(settings, limits)
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=model,
+            artifacts={"adapter": str(adapter_dir), "settings": str(write_settings(model, Path(tmp)))},
+            signature=generation_signature(settings),
+            pip_requirements=pip_requirements or project_requirements(),
+        )
 
 
 def generation_signature(settings: Mapping[str, Any]):
