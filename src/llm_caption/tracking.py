@@ -11,6 +11,9 @@ an experiment calls the helpers here (:func:`log_metrics`, :func:`reopen_run`,
 :func:`tracking_uri` answers "which store?" the same way for ``kedro run`` and the command-line
 tools (``$MLFLOW_TRACKING_URI`` wins over ``mlflow.yml``), and :func:`check_tracking_store` fails
 fast when that store does not answer.
+
+MLflow and pandas are imported by the functions that use them, not with this module: the command-line
+tools ask :func:`reachable_store_uri` which store to use before they know whether they need MLflow at all.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
-import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:  # annotations only: imported where used (see the module doc)
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def child_run(name: str, tags: Mapping[str, str] | None = None, params: Mapping[
     The parent's run id is also written as tag ``llm_caption.parent_run_id`` so the
     child can be found with a plain ``search_runs`` filter.
     """
+    import mlflow
+
     parent = mlflow.active_run()
     all_tags = dict(tags or {})
     if parent is not None:
@@ -65,6 +70,8 @@ def child_run(name: str, tags: Mapping[str, str] | None = None, params: Mapping[
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log ``metrics`` (as floats) on the active run; nothing outside a run."""
+    import mlflow
+
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
@@ -79,6 +86,8 @@ def epoch_logger(step_key: str = "epoch") -> Callable[[int, Mapping[str, float],
     """The ``on_epoch_end(epoch, record, sample)`` callback of a training loop: the epoch's figures as metrics
     at step ``epoch`` and the sample caption as ``samples/epoch_NNN.txt`` of the active run."""
     def on_epoch_end(epoch: int, record: Mapping[str, float], sample: str | None) -> None:
+        import mlflow
+
         if mlflow.active_run() is None:
             return
         log_metrics({k: v for k, v in record.items() if k != step_key}, step=epoch)
@@ -90,6 +99,10 @@ def epoch_logger(step_key: str = "epoch") -> Callable[[int, Mapping[str, float],
 
 def run_exists(run_id: object, owner: str) -> bool:
     """Whether ``run_id`` names a run of the current store; warns (naming ``owner``) when it does not."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     if run_id is None or (isinstance(run_id, float) and math.isnan(run_id)) or not str(run_id).strip():
         logger.warning("%s has no MLflow run id", owner)
         return False
@@ -105,6 +118,8 @@ def run_exists(run_id: object, owner: str) -> bool:
 def reopen_run(run_id: str | None, owner: str) -> Iterator[mlflow.ActiveRun]:
     """Reopen the model's own run ``run_id`` (nested under the active run, if any) to log more on it; when the
     store does not hold it, a new run named ``register-<owner>`` instead."""
+    import mlflow
+
     known = run_exists(run_id, owner)
     with mlflow.start_run(run_id=str(run_id) if known else None, nested=mlflow.active_run() is not None,
                           run_name=None if known else f"register-{owner}") as run:
@@ -114,6 +129,9 @@ def reopen_run(run_id: str | None, owner: str) -> Iterator[mlflow.ActiveRun]:
 def log_metrics_to_run(run_id: str | None, metrics: Mapping[str, float], owner: str,
                        client: MlflowClient | None = None) -> bool:
     """Log finite ``metrics`` on run ``run_id``; warn (naming ``owner``) and return False when the run is unknown."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     if run_id is None or (isinstance(run_id, float) and math.isnan(run_id)) or not str(run_id).strip():
         logger.warning("%s has no MLflow run id: its evaluation metrics stay on the evaluation run only", owner)
         return False
@@ -139,6 +157,8 @@ def caption_metrics_by_run(caption_metrics: pd.DataFrame, model_results: pd.Data
 
 def chat_metrics_by_run(chat_metrics: pd.DataFrame) -> dict[str, dict[str, float]]:
     """``{method: {"test_chrf": ..., ...}}`` from the ``after`` rows of ``chat_metrics``."""
+    import pandas as pd
+
     out: dict[str, dict[str, float]] = {}
     after = chat_metrics[chat_metrics["stage"] == "after"]
     for row in after.to_dict(orient="records"):
@@ -149,6 +169,9 @@ def chat_metrics_by_run(chat_metrics: pd.DataFrame) -> dict[str, dict[str, float
 
 def active_run_info() -> tuple[str, str | None]:
     """(run id, ``env`` tag) of the active run; a placeholder id and ``None`` outside an MLflow run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     run = mlflow.active_run()
     if run is None:
         return "none (no active MLflow run)", None
