@@ -10,10 +10,9 @@ unless ``--tracking-uri`` says otherwise.
 Start-up is most of a call's time, so a registered chat model is loaded the short way when it can be: a
 ``models:/name@alias`` (or ``/version``) URI in a local sqlite store is resolved with one read-only query of the
 store's registry tables, and the model built from the files of its folder (its settings and adapter; no
-``mlflow.pyfunc``, no unpickling, no tracking or registry store set-up). With ``--tracking-uri`` naming an
-existing sqlite file, MLflow is not imported at all (finding the default store reads the project's config
-through ``llm_caption.tracking``, which imports it). A model logged before its settings were saved as an
-artifact, another kind of model, or another store goes through ``mlflow.pyfunc.load_model``.
+``mlflow.pyfunc``, no unpickling, no tracking or registry store set-up, and MLflow is not imported at all).
+A model logged before its settings were saved as an artifact, another kind of model, or another store goes
+through ``mlflow.pyfunc.load_model``.
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ def check_model_uri(uri: str) -> None:
 
 def store_uri(explicit: str | None, env: str | None) -> str:
     """The store to read: ``explicit`` as given when it is an existing local sqlite file (nothing to check, no
-    project config to read, so MLflow is not imported), else :func:`llm_caption.tracking.reachable_store_uri`."""
+    project config to read), else :func:`llm_caption.tracking.reachable_store_uri`."""
     from .caption import sqlite_file
 
     db = sqlite_file(explicit) if explicit else None

@@ -170,7 +170,10 @@ def test_request_params_are_what_mlflow_hands_the_model():
         assert error.value.message == expected_error.value.message
 
 
-def test_the_chat_command_answers_a_local_champion_without_importing_mlflow(registered, tmp_path):
+@pytest.mark.parametrize("store", ["--tracking-uri", "MLFLOW_TRACKING_URI"])
+def test_the_chat_command_answers_a_local_champion_without_importing_mlflow(registered, tmp_path, store):
+    """Named on the command line or found the default way (here ``$MLFLOW_TRACKING_URI``), a champion in a local
+    sqlite store answers without MLflow being imported."""
     expected = registered["mlflow_model"].predict([QUESTION], params=GENERATION)[0]
     result = tmp_path / "result.json"
     script = (
@@ -185,8 +188,13 @@ def test_the_chat_command_answers_a_local_champion_without_importing_mlflow(regi
         "    refusal = str(exit.code)\n"
         "json.dump({'refusal': refusal, 'mlflow': sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')},\n"
         "          open(result, 'w'))\n")
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", script, "--tracking-uri", registered["tracking"], "--threads", "1",
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if store == "--tracking-uri":
+        args = ["--tracking-uri", registered["tracking"]]
+    else:
+        args, env["MLFLOW_TRACKING_URI"] = [], registered["tracking"]
+    run = subprocess.run([sys.executable, "-c", script, *args, "--threads", "1",
                           "--model-uri", CHAMPION, QUESTION, str(result)], capture_output=True, text=True, env=env,
                          timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
