@@ -246,7 +246,8 @@ def run(n_images: int = 96, n_beam_images: int = 48, epochs: int = 1, reps: int 
 
     def beam_project(rep: int):
         start = time.perf_counter()
-        out = beam_search(model, beam_feats, beam_size=beam_size, max_len=max_steps + 1, length_penalty=0.0)
+        out = beam_search(model, beam_feats, beam_size=beam_size, max_len=max_steps + 1, length_penalty=0.0,
+                          drop_finished=True)  # as the pipeline and the served model decode (decoding.drop_finished)
         return time.perf_counter() - start, out.tokens
 
     @torch.no_grad()

@@ -338,7 +338,8 @@ def predict_captions(results: pd.DataFrame, models: dict[str, Any], images: pd.D
             ids = list(refs)
             want_alphas = base_architecture(arch) == "show_attend_tell" and split == "test" and not sample
             decoded = decode_batched(model, features.rows(ids), int(dec.get("batch_size", 64)), int(dec["beam_size"]),
-                                     int(dec["max_len"]), float(dec.get("length_penalty", 0.0)), want_alphas)
+                                     int(dec["max_len"]), float(dec.get("length_penalty", 0.0)), want_alphas,
+                                     drop_finished=bool(dec.get("drop_finished", False)))
             for image_id, tokens in zip(ids, decoded.tokens):
                 out.append({"architecture": arch, "split": split, "image_id": image_id,
                             "image_path": paths.get(image_id, ""),

@@ -184,7 +184,8 @@ class Captioner:
         dec = self.config.get("decoding", {})
         decoded = decode_batched(self.decoder, feats, beam_size=int(dec.get("beam_size", 3)),
                                  max_len=int(dec.get("max_len", 30)),
-                                 length_penalty=float(dec.get("length_penalty", 0.0)))
+                                 length_penalty=float(dec.get("length_penalty", 0.0)),
+                                 drop_finished=bool(dec.get("drop_finished", False)))
         return [" ".join(ids_to_words(t, self.itos)) for t in decoded.tokens]
 
     def caption(self, images: Sequence[Image.Image], batch_size: int = 16) -> list[str]:
