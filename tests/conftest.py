@@ -32,7 +32,9 @@ def restore_mlflow_globals():
     ``mlflow.set_tracking_uri`` / ``set_registry_uri`` keep the URI in module globals and export
     ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``; ``set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``.
     Left over, a registry URI set by one test (e.g. through ``llm_caption.caption.load_registered``) makes a
-    later test's ``MlflowClient(tracking_uri=...)`` read another store's registry.
+    later test's ``MlflowClient(tracking_uri=...)`` read another store's registry; an experiment made
+    active by ``set_experiment`` against one store makes a later run in a fresh store fail with
+    "No Experiment with id=1 exists".
     """
     environ = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     try:
@@ -41,9 +43,13 @@ def restore_mlflow_globals():
     except ImportError:  # pragma: no cover - MLflow is a dependency of the project
         yield
         return
+    from mlflow.tracking import fluent
+
     uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    experiment = fluent._active_experiment_id
     yield
     tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+    fluent._active_experiment_id = experiment
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         if key not in environ:
             del os.environ[key]

@@ -45,18 +45,23 @@ QUESTION = "سلام، حالت چطوره؟"
 
 
 def _mlflow_state() -> tuple:
+    """MLflow's process-wide settings. This module's store is set up once for all its tests (a module fixture,
+    outside conftest's per-test restore), so it puts them back itself, the active experiment included: left
+    set, a later test's run in a fresh store looks that experiment up there and fails."""
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    return (tracking_utils._tracking_uri, registry_utils._registry_uri,
+    return (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
             {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
 
 
 def _restore_mlflow_state(state: tuple) -> None:
+    from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    tracking_utils._tracking_uri, registry_utils._registry_uri, environ = state
+    tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id, environ = state
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         del os.environ[key]
     os.environ.update(environ)
