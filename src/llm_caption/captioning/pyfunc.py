@@ -251,38 +251,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _Context:
-    def __init__(self, artifacts: dict[str, str]) -> None:
-        self.artifacts = artifacts
-
-
 def load_local(folder: str | Path) -> CaptionerPredictor | None:
     """The captioner logged by :func:`log_captioner` in the local model folder ``folder`` (the one holding
     ``MLmodel``), loaded without MLflow: its ``python_function`` artifacts handed to
     :meth:`CaptionerPredictor.load_context`. None when the folder holds another kind of model (its pickled
     python model names another class), and the caller then loads it through MLflow."""
-    import pickletools
+    from ..local_model import LocalContext, read_pyfunc_folder
 
-    import yaml
-
-    folder = Path(folder)
-    try:
-        flavor = (yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {})["flavors"]["python_function"]
-        pickled = (folder / flavor["python_model"]).read_bytes()
-        artifacts = {name: str(folder / spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
-        # The pickle is only read, never run: it must be a bare CaptionerModel of this module.
-        strings = [arg for op, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)]
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+    read = read_pyfunc_folder(folder, __name__, "CaptionerModel", ("config", "decoder", "vocab", "encoder_weights"))
+    if read is None:
         return None
-    if (flavor.get("loader_module") != "mlflow.pyfunc.model" or flavor.get("code")
-            or strings[:2] != [__name__, "CaptionerModel"]
-            or set(artifacts) != {"config", "decoder", "vocab", "encoder_weights"}):
-        return None
-    root = folder.resolve()
-    if not all(Path(path).resolve().is_relative_to(root) for path in artifacts.values()):
-        return None  # an artifact path leading out of the model's folder: left to MLflow's own checks
     predictor = CaptionerPredictor()
-    predictor.load_context(_Context(artifacts))
+    predictor.load_context(LocalContext(read[1]))
     return predictor
 
 

@@ -313,11 +313,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _Context:
-    def __init__(self, artifacts: dict[str, str]) -> None:
-        self.artifacts = artifacts
-
-
 def _plain_param(value: Any, kind: str) -> tuple[bool, Any]:
     """``(True, value as MLflow passes it on)`` for a request parameter of a plain Python type that MLflow takes
     as it is (``long``: int; ``double``: float or int, as float; ``boolean``: bool; ``string``: str; None);
@@ -405,28 +400,14 @@ def load_local(folder: str | Path) -> LocalChatModel | None:
     its adapter from the ``adapter`` artifact. None when the folder holds another kind of model (its pickle names
     another class, another loader, ``code`` to import, other artifacts), a model logged before the ``settings``
     artifact existed, or an artifact path that leads out of the folder; the caller then loads it through MLflow."""
-    import pickletools
+    from ..local_model import LocalContext, read_pyfunc_folder
 
-    import yaml
-
-    folder = Path(folder)
-    root = folder.resolve()
-    try:
-        meta = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8")) or {}
-        flavor = meta["flavors"]["python_function"]
-        signature = meta.get("signature") or {}
-        paths = [folder / flavor["python_model"]]
-        artifacts = {name: str(folder / spec["path"]) for name, spec in (flavor.get("artifacts") or {}).items()}
-        paths += map(Path, artifacts.values())
-        if not all(path.resolve().is_relative_to(root) for path in paths):
-            return None  # a path leading out of the model's folder: left to MLflow's own checks
-        # The pickle is only read, never run: it must be a PersianChatModel of this module.
-        strings = [arg for _, arg, _ in pickletools.genops(paths[0].read_bytes()) if isinstance(arg, str)]
-    except (OSError, KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError):
+    read = read_pyfunc_folder(folder, __name__, "PersianChatModel", ARTIFACTS)
+    if read is None:
         return None
-    if (flavor.get("loader_module") != "mlflow.pyfunc.model" or flavor.get("code")
-            or strings[:2] != [__name__, "PersianChatModel"] or set(artifacts) != set(ARTIFACTS)
-            or signature.get("inputs") is not None or not isinstance(signature.get("params"), str)
+    meta, artifacts = read
+    signature = meta.get("signature") or {}
+    if (signature.get("inputs") is not None or not isinstance(signature.get("params"), str)
             or meta.get("is_signature_from_type_hint")):
         return None
     try:
@@ -435,7 +416,7 @@ def load_local(folder: str | Path) -> LocalChatModel | None:
         model = LocalChatModel(predictor, signature["params"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
-    predictor.load_context(_Context(artifacts))
+    predictor.load_context(LocalContext(artifacts))
     return model
 
 
