@@ -27,7 +27,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "full": {"llm": dict(steps=20, reps=2, batch=4, seq_len=96, n_train=160, n_eval=16),
-             "caption": dict(n_images=64, n_beam_images=32, epochs=1, reps=2, batch=64, extra_epochs=15),
+             "caption": dict(n_images=64, n_beam_images=128, epochs=1, reps=2, batch=64, extra_epochs=15),
              "peak_s": 2.0},
     "tiny": {"llm": dict(steps=3, reps=1, batch=2, seq_len=64, n_train=12, n_eval=4),
              "caption": dict(n_images=6, n_beam_images=4, epochs=1, reps=1, batch=8, extra_epochs=2),
