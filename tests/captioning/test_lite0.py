@@ -118,7 +118,8 @@ def test_eval_transform_equals_torchvisions_bit_for_bit():
     photos = _real_images(3)
     # the shared photos are all 256x256: crops of them give real content at other sizes (and 224x224, left as is)
     crops = [img.crop(box) for img, box in zip(photos, [(0, 0, 241, 173), (10, 20, 234, 244), (5, 0, 104, 255)])]
-    images = photos + crops + [_synthetic((300, 200), 0), _synthetic((224, 224), 1), _synthetic((50, 61), 2)]
+    images = photos + crops + [_synthetic((300, 200), 0), _synthetic((224, 224), 1), _synthetic((50, 61), 2),
+                               _synthetic((241, 173), 3), _synthetic((99, 255), 4)]  # the crops' sizes without photos
     assert len({img.size for img in images}) >= 5
     for spec in (DEFAULT_SPEC, make_transform_spec({"image_size": 160, "mean": [0.485, 0.456, 0.406],
                                                     "std": [0.229, 0.224, 0.225]})):
