@@ -178,3 +178,24 @@ def test_evaluation_pipeline_scores_and_logs_on_model_runs(kedro_project):
     assert "val_coco_bleu_4" in sat
     evaluation_runs = client.search_runs([client.get_experiment_by_name("llm_caption").experiment_id])
     assert any("eval.chat.lora.test_chrf" in run.data.metrics for run in evaluation_runs)
+
+
+def test_evaluation_metric_names_are_valid_for_mlflow_whatever_the_model_is_called():
+    """The SCST row is ``show_attend_tell+scst``: MLflow refuses ``+`` in a metric name, so the evaluation run's
+    names carry ``show_attend_tell-scst``; the figures are those of the table."""
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from llm_caption.pipelines.evaluation.nodes import log_evaluation_metrics, metric_name_part
+
+    caption_metrics = pd.DataFrame({"architecture": ["show_attend_tell+scst", "show_tell"], "split": ["test", "val"],
+                                    "metric": ["cider_d", "coco_bleu_4"], "value": [0.51, 0.16], "implementation": "x"})
+    results = pd.DataFrame({"architecture": ["show_attend_tell+scst", "show_tell"], "mlflow_run_id": [None, None]})
+    chat_metrics = pd.DataFrame({"method": ["lora+x"], "stage": ["after"], "chrf": [12.5]})
+    llm_results = pd.DataFrame({"method": ["lora+x"], "mlflow_run_id": [None]})
+    out = log_evaluation_metrics(caption_metrics, chat_metrics, results, llm_results)
+    assert out == {"caption.show_attend_tell-scst.test_cider_d": {"value": 0.51, "step": 0},
+                   "caption.show_tell.val_coco_bleu_4": {"value": 0.16, "step": 0},
+                   "chat.lora-x.test_chrf": {"value": 12.5, "step": 0}}
+    assert all(validate_param_and_metric_name(f"eval.{name}") for name in out)
+    assert not validate_param_and_metric_name("eval.caption.show_attend_tell+scst.test_cider_d")
+    assert metric_name_part("cnn_transformer") == "cnn_transformer"

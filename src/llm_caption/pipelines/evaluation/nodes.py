@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pandas as pd
@@ -12,6 +13,14 @@ from llm_caption.evaluation.chat_metrics import evaluate_chat
 from llm_caption.tracking import caption_metrics_by_run, chat_metrics_by_run, log_metrics_to_run
 
 logger = logging.getLogger(__name__)
+
+_NOT_IN_METRIC_NAMES = re.compile(r"[^/\w.\- ]")
+
+
+def metric_name_part(name: str) -> str:
+    """``name`` (an architecture or method) as part of an MLflow metric name, which may hold only alphanumerics,
+    ``_ - . /`` and spaces: any other character becomes ``-`` (``show_attend_tell+scst`` -> ``show_attend_tell-scst``)."""
+    return _NOT_IN_METRIC_NAMES.sub("-", str(name))
 
 
 def score_captions(caption_predictions: pd.DataFrame, params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -40,16 +49,17 @@ def log_evaluation_metrics(caption_metrics: pd.DataFrame, chat_metrics: pd.DataF
 
     Returns:
         ``{"caption.<arch>.<split>_<metric>": {"value", "step"}, "chat.<method>.test_<metric>": ...}``
-        for kedro-mlflow's ``MlflowMetricsHistoryDataset``.
+        for kedro-mlflow's ``MlflowMetricsHistoryDataset`` (names through :func:`metric_name_part`).
     """
     out: dict[str, dict] = {}
     caption_runs = dict(zip(caption_model_results["architecture"].astype(str), caption_model_results["mlflow_run_id"]))
     for arch, metrics in caption_metrics_by_run(caption_metrics, caption_model_results).items():
         log_metrics_to_run(caption_runs.get(arch), metrics, owner=f"caption architecture {arch!r}")
-        out.update({f"caption.{arch}.{k}": {"value": v, "step": 0} for k, v in metrics.items() if pd.notna(v)})
+        out.update({f"caption.{metric_name_part(arch)}.{k}": {"value": v, "step": 0}
+                    for k, v in metrics.items() if pd.notna(v)})
     chat_runs = dict(zip(llm_method_results["method"].astype(str), llm_method_results["mlflow_run_id"]))
     for method, metrics in chat_metrics_by_run(chat_metrics).items():
         log_metrics_to_run(chat_runs.get(method), metrics, owner=f"chat method {method!r}")
-        out.update({f"chat.{method}.{k}": {"value": v, "step": 0} for k, v in metrics.items()})
+        out.update({f"chat.{metric_name_part(method)}.{k}": {"value": v, "step": 0} for k, v in metrics.items()})
     logger.info("Logged %d evaluation metrics", len(out))
     return out
