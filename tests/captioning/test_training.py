@@ -218,6 +218,8 @@ def test_damaged_best_export_is_rewritten_from_the_checkpoint(data_file, full_ru
     with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.training"):
         result = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert result.resumed_from_epoch == 4 and f"{folder / 'best.pt'} was missing or damaged" in caplog.text
+    # a finished model run again reports its training time (its epochs, from the checkpoint), not the rerun's
+    assert result.train_time_s == full_run["result"].train_time_s > 0
     best = torch.load(folder / "best.pt", weights_only=True)
     assert best["epoch"] == full_run["result"].best_epoch
     for name, value in full_run["weights"].items():

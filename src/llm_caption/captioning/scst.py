@@ -43,7 +43,7 @@ from ..limits import config_values
 from .decoding import EOS, PAD, SOS, decode_batched, greedy_decode, ids_to_words
 from .training import (CaptionData, TrainConfig, TrainResult, _best_file_matches, _epoch_generator, _export_best,
                        _Progress, _remove_partial_writes, _resume, _seed_all, _write_checkpoint, bleu4,
-                       evaluate_loss, rng_state)
+                       evaluate_loss, history_seconds, rng_state)
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,6 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
     history, best, best_epoch = progress.history, progress.best, progress.best_epoch
     best_model, bad_epochs, stopped = progress.best_model, progress.bad_epochs, progress.stopped
     resumed_from = progress.epoch if progress.source is not None else -1
-    t_start = time.perf_counter()
 
     def finish_epoch(epoch: int, record: dict[str, float], hyps: list[str]) -> None:
         nonlocal best, best_epoch, best_model, bad_epochs, stopped
@@ -486,5 +485,5 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
             _export_best(best_path, best_model, best_epoch, float(history[best_epoch]["val_bleu4"]))
     best_bleu = float(next(r["val_bleu4"] for r in history if int(r["epoch"]) == best_epoch))
     return TrainResult(history=history, best_epoch=best_epoch, best_val_bleu4=best_bleu, epochs_run=len(history) - 1,
-                       resumed_from_epoch=resumed_from, train_time_s=time.perf_counter() - t_start,
+                       resumed_from_epoch=resumed_from, train_time_s=history_seconds(history),
                        best_checkpoint=str(best_path), last_checkpoint=str(ckpt_dir / "last.pt"))

@@ -117,6 +117,12 @@ class CaptionData:
     key: str = ""  # identifies the feature cache entry and the captions (part of the resume fingerprint)
 
 
+def history_seconds(history: list[dict[str, float]]) -> float:
+    """Seconds of the epochs in ``history`` (restored from checkpoints or run now): a model's training time
+    whether or not its run was resumed (a rerun of a finished model reports its training, not the rerun's 0 s)."""
+    return float(sum(float(h.get("epoch_time_s", 0.0)) for h in history))
+
+
 @dataclass
 class TrainResult:
     history: list[dict[str, float]]
@@ -124,7 +130,7 @@ class TrainResult:
     best_val_bleu4: float
     epochs_run: int
     resumed_from_epoch: int
-    train_time_s: float
+    train_time_s: float  # seconds of every epoch in ``history``: a resumed run counts those before the resume too
     best_checkpoint: str
     last_checkpoint: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -444,7 +450,6 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     if world > 1:
         trained = _DataParallel(model)
         sampler = EpochOrderSampler(n_train, world, distributed.rank(), cfg.seed)
-    t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break
@@ -514,5 +519,5 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     distributed.barrier()  # the other ranks leave once rank 0's files are written
     return TrainResult(history=history, best_epoch=best_epoch, best_val_bleu4=best if history else 0.0,
                        epochs_run=len(history), resumed_from_epoch=resumed_from,
-                       train_time_s=time.perf_counter() - t_start, best_checkpoint=str(best_path),
+                       train_time_s=history_seconds(history), best_checkpoint=str(best_path),
                        last_checkpoint=str(last_path))
