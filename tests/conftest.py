@@ -25,6 +25,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def mlflow_state() -> tuple:
+    """MLflow's process-wide settings: tracking and registry URIs, the active experiment, every ``MLFLOW_*``
+    variable (:func:`restore_mlflow_state` puts them back)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
+            {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
+
+
+def restore_mlflow_state(state: tuple) -> None:
+    """Put back what :func:`mlflow_state` saved (``MLFLOW_*`` variables set since are removed)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id, environ = state
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(environ)
+
+
 @pytest.fixture(autouse=True)
 def restore_mlflow_globals():
     """Put MLflow's process-wide settings back after every test.
@@ -34,26 +57,12 @@ def restore_mlflow_globals():
     Left over, a registry URI set by one test (e.g. through ``llm_caption.caption.load_registered``) makes a
     later test's ``MlflowClient(tracking_uri=...)`` read another store's registry; an experiment made
     active by ``set_experiment`` against one store makes a later run in a fresh store fail with
-    "No Experiment with id=1 exists".
+    "No Experiment with id=1 exists". Fixtures shared by several tests (module scope) that change them
+    save and restore them themselves with the same two functions.
     """
-    environ = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-    try:
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-    except ImportError:  # pragma: no cover - MLflow is a dependency of the project
-        yield
-        return
-    from mlflow.tracking import fluent
-
-    uris = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    experiment = fluent._active_experiment_id
+    state = mlflow_state()
     yield
-    tracking_utils._tracking_uri, registry_utils._registry_uri = uris
-    fluent._active_experiment_id = experiment
-    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
-        if key not in environ:
-            del os.environ[key]
-    os.environ.update(environ)
+    restore_mlflow_state(state)
 
 
 def make_project_copy(dest: Path) -> Path:

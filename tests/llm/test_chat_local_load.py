@@ -25,6 +25,7 @@ from mlflow.models.utils import _enforce_params_schema
 from mlflow.types.schema import ParamSchema
 
 from chat_fixtures import load_conf
+from conftest import mlflow_state, restore_mlflow_state
 from gemma_fixtures import tiny_gemma_spec  # noqa: F401 (fixture)
 from llm_caption.caption import local_registered_model
 from llm_caption.llm.adapters import save_finetuned
@@ -42,29 +43,6 @@ CHAMPION = f"models:/{MODEL}@champion"
 GENERATION = {"max_new_tokens": 6, "do_sample": False, "repetition_penalty": 1.2}
 LIMITS = {"max_conversations": 2, "max_new_tokens": 16}
 QUESTION = "سلام، حالت چطوره؟"
-
-
-def _mlflow_state() -> tuple:
-    """MLflow's process-wide settings. This module's store is set up once for all its tests (a module fixture,
-    outside conftest's per-test restore), so it puts them back itself, the active experiment included: left
-    set, a later test's run in a fresh store looks that experiment up there and fails."""
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    return (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
-            {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")})
-
-
-def _restore_mlflow_state(state: tuple) -> None:
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id, environ = state
-    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
-        del os.environ[key]
-    os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +66,7 @@ def registered(tiny_gemma_spec, empty_store, tmp_path_factory):
     adapter = save_finetuned(model, root / "adapters" / "lora", "lora", method_cfg, tiny_gemma_spec)
     shutil.copy2(empty_store, root / "mlflow.db")
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    state = _mlflow_state()
+    state = mlflow_state()  # a module fixture: outside conftest's per-test restore
     try:
         mlflow.set_tracking_uri(tracking)
         mlflow.set_experiment("chat-local-load")
@@ -97,7 +75,7 @@ def registered(tiny_gemma_spec, empty_store, tmp_path_factory):
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        _restore_mlflow_state(state)
+        restore_mlflow_state(state)
     assert decision["promoted"], decision
     folder = local_registered_model(tracking, CHAMPION)
     assert folder is not None
