@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -199,3 +200,7 @@ def test_evaluation_metric_names_are_valid_for_mlflow_whatever_the_model_is_call
     assert all(validate_param_and_metric_name(f"eval.{name}") for name in out)
     assert not validate_param_and_metric_name("eval.caption.show_attend_tell+scst.test_cider_d")
     assert metric_name_part("cnn_transformer") == "cnn_transformer"
+
+    clash = pd.DataFrame({"architecture": ["a+b", "a-b"], "mlflow_run_id": [None, None]})
+    with pytest.raises(ValueError, match="architectures 'a\\+b' and 'a-b' get the same MLflow metric names"):
+        log_evaluation_metrics(caption_metrics.iloc[:0], chat_metrics, clash, llm_results)

@@ -19,7 +19,8 @@ _NOT_IN_METRIC_NAMES = re.compile(r"[^/\w.\- ]")
 
 def metric_name_part(name: str) -> str:
     """``name`` (an architecture or method) as part of an MLflow metric name, which may hold only alphanumerics,
-    ``_ - . /`` and spaces: any other character becomes ``-`` (``show_attend_tell+scst`` -> ``show_attend_tell-scst``)."""
+    ``_ - . /`` and spaces: any other character becomes ``-``
+    (``show_attend_tell+scst`` -> ``show_attend_tell-scst``)."""
     return _NOT_IN_METRIC_NAMES.sub("-", str(name))
 
 
@@ -51,6 +52,13 @@ def log_evaluation_metrics(caption_metrics: pd.DataFrame, chat_metrics: pd.DataF
         ``{"caption.<arch>.<split>_<metric>": {"value", "step"}, "chat.<method>.test_<metric>": ...}``
         for kedro-mlflow's ``MlflowMetricsHistoryDataset`` (names through :func:`metric_name_part`).
     """
+    named = (("architectures", caption_model_results["architecture"]), ("methods", llm_method_results["method"]))
+    for kind, names in named:
+        parts: dict[str, str] = {}
+        for name in map(str, names):
+            if parts.setdefault(metric_name_part(name), name) != name:
+                raise ValueError(f"{kind} {parts[metric_name_part(name)]!r} and {name!r} get the same MLflow metric "
+                                 f"names ({metric_name_part(name)!r}); rename one")
     out: dict[str, dict] = {}
     caption_runs = dict(zip(caption_model_results["architecture"].astype(str), caption_model_results["mlflow_run_id"]))
     for arch, metrics in caption_metrics_by_run(caption_metrics, caption_model_results).items():
