@@ -103,6 +103,14 @@ def references(captions: pd.DataFrame, split: str) -> dict[str, list[str]]:
     return {image_id: group.tolist() for image_id, group in part.groupby("image_id", sort=True)["caption"]}
 
 
+def judged_split(captions: pd.DataFrame, images: int | None) -> str:
+    """Fingerprint of the validation images a figure is measured on: the first ``images`` of the sorted validation
+    image ids (all of them when ``images`` is ``None``), the rows :func:`caption_data` puts first. Figures measured
+    on different images get different fingerprints, so the registry never compares them."""
+    ids = list(references(captions, "val"))
+    return split_fingerprint(ids[: int(images)] if images else ids)
+
+
 def validate_captions(captions: pd.DataFrame, vocab_size: int) -> None:
     """Every caption row has a known split and ``token_ids`` of the common length within the vocabulary."""
     bad_split = ~captions["split"].isin(SPLITS)
@@ -185,10 +193,11 @@ def _result_row(arch: str, n_params: int, result: TrainResult, seconds_per_image
             "mlflow_run_id": run_id, "eval_split": eval_split}
 
 
-def train_one(arch: str, data: CaptionData, features: FeatureSet, params: dict[str, Any], seed: int,
-              eval_split: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+def train_one(arch: str, data: CaptionData, features: FeatureSet, captions: pd.DataFrame, params: dict[str, Any],
+              seed: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Build, train and track one architecture; its result row, history rows and best weights."""
     cfg = train_config(params, arch, seed)
+    eval_split = judged_split(captions, cfg.val_bleu_images)
     torch.manual_seed(cfg.seed)
     kwargs = decoder_kwargs(params, arch)
     model = build_decoder(arch, len(data.itos), features.channels, **kwargs)
@@ -224,10 +233,9 @@ def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features:
     validation images it was judged on), ``caption_loss_history`` and ``caption_models`` (best weights).
     """
     data = caption_data(features, captions, list(vocab["itos"]))
-    eval_split = split_fingerprint(sorted(set(captions.loc[captions["split"] == "val", "image_id"])))
     rows, history, models = [], [], {}
     for arch in params["architectures"]:
-        row, arch_history, models[arch] = train_one(arch, data, features, params, seed, eval_split)
+        row, arch_history, models[arch] = train_one(arch, data, features, captions, params, seed)
         rows.append(row)
         history.extend(arch_history)
     scst = dict(params.get("scst") or {})
@@ -235,8 +243,7 @@ def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features:
         base = str(scst.get("architecture") or max(rows, key=lambda r: r["best_val_bleu4"])["architecture"])
         if base not in models:
             raise ValueError(f"scst.architecture: {base!r} was not trained (architectures: {list(models)})")
-        row, arch_history, best = train_scst_variant(base, models[base], data, features, captions, params, seed,
-                                                     eval_split)
+        row, arch_history, best = train_scst_variant(base, models[base], data, features, captions, params, seed)
         rows.append(row)
         history.extend(arch_history)
         models[row["architecture"]] = best
@@ -256,11 +263,12 @@ def scst_config(params: dict[str, Any], seed: int) -> ScstConfig:
 
 
 def train_scst_variant(base: str, base_best: dict[str, Any], data: CaptionData, features: FeatureSet,
-                       captions: pd.DataFrame, params: dict[str, Any], seed: int,
-                       eval_split: str) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+                       captions: pd.DataFrame, params: dict[str, Any],
+                       seed: int) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """SCST of architecture ``base`` from its best cross-entropy weights, tracked as the row ``<base>+scst``."""
     name = f"{base}+scst"
     cfg = scst_config(params, seed)
+    eval_split = judged_split(captions, cfg.val_images)
     model = load_trained(base, base_best, params, len(data.itos), features.channels)
     n_params, _ = count_parameters(model)
     train_refs = references(captions, "train")
