@@ -74,6 +74,34 @@ def test_causal_mask_later_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(a[:, 4:], b[:, 4:])
 
 
+def test_transformer_incremental_steps_equal_the_full_prefix_decode():
+    """``step`` attends from the new position to cached earlier positions; every step's logits are those of
+    running the decoder over the whole prefix (what ``step`` did before the cache), in eval mode and with
+    gradients (SCST samples through ``step``), and after a beam-style reorder of the rows."""
+    torch.manual_seed(0)
+    model = build_decoder("cnn_transformer", 20, 16, d_model=32, nhead=4, num_layers=3, dim_feedforward=64,
+                          dropout=0.0).eval()
+    feats = torch.randn(3, 5, 16)
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 9, 4], [1, 9, 8, 7, 6, 5, 4], [1, 4, 4, 12, 13, 2, 2]])
+    memory = model.encode_memory(feats)
+    state = model.init_state(feats)
+    for t in range(tokens.shape[1]):
+        logits, state, alpha = model.step(state, tokens[:, t])
+        full = model.decode(memory, tokens[:, : t + 1])[:, -1]
+        torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+        assert alpha is None and logits.requires_grad
+    assert torch.equal(state[1], tokens) and len(state) == 2 + 3
+    assert all(c.shape == (3, tokens.shape[1], 32) for c in state[2:])
+    # reorder the rows (as beam search does), then go on: the logits follow the reordered prefixes
+    order = torch.tensor([2, 2, 0])
+    state = model.reorder_state(state, order)
+    nxt = torch.tensor([3, 7, 11])
+    with torch.no_grad():
+        logits, _, _ = model.step(state, nxt)
+        full = model.decode(memory[order], torch.cat([tokens[order], nxt.unsqueeze(1)], dim=1))[:, -1]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", sorted(DECODERS))
 def test_padding_changes_no_logits_of_real_tokens(arch):
     torch.manual_seed(0)

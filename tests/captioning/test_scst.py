@@ -82,6 +82,28 @@ def test_rewards_use_the_fixed_document_frequencies_and_token_ids():
         CiderD([["a"], []])
 
 
+def test_end_word_reward_is_cider_d_of_captions_with_an_end_word_and_penalises_cut_off_endings():
+    refs = [["a boy is playing in a pool", "a child swims in the pool", "a little boy in the water"],
+            ["a dog runs on the grass", "a brown dog is running in a field"]]
+    hyps = ["a boy is playing in a", "a boy is playing in a pool", "a dog is running in a", "a dog runs"]
+    images = [0, 0, 1, 1]
+    with_end = CiderD(refs, end_word="<eos>")
+    # exactly coco-caption's CIDEr-D once every caption carries the end word as its last word
+    per_hyp_refs = [refs[i] for i in images]
+    _, per_image = _pycoco([[r + " <eos>" for r in rs] for rs in per_hyp_refs], [h + " <eos>" for h in hyps])
+    ours = CiderD(per_hyp_refs, end_word="<eos>").score_captions(hyps, range(len(hyps)))
+    assert np.abs(ours - per_image).max() <= 1e-6
+    # the cut-off caption loses more of its reward to the complete one with the end word than without
+    plain = CiderD(refs).score_captions(hyps, images)
+    ended = with_end.score_captions(hyps, images)
+    assert ended[0] / ended[1] < plain[0] / plain[1]
+    assert ended[2] < plain[2]  # "... in a" matches no reference's ending
+    # token ids: the vocabulary's <eos> cuts the caption, and the end word is added once
+    itos = ["<pad>", "<sos>", "<eos>", "<unk>", "a", "boy", "is", "playing", "in", "pool"]
+    with_end.use_vocabulary(itos)
+    assert with_end.score_tokens([[4, 5, 6, 7, 8, 4, 9, EOS, 5]], [0])[0] == pytest.approx(ended[1])
+
+
 def test_scst_config_rejects_unknown_or_bad_settings():
     with pytest.raises(ValueError, match="unknown keys"):
         ScstConfig.from_params({"epochz": 2})

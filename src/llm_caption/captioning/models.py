@@ -199,13 +199,32 @@ class CNNTransformer(nn.Module):
         return self.decode(self.encode_memory(feats), tokens_in), None
 
     def init_state(self, feats: torch.Tensor):
+        """``(memory, tokens so far, one self-attention cache per layer)``: a layer's cache holds its
+        normalised inputs at the positions decoded so far, the keys and values of its self-attention."""
         memory = self.encode_memory(feats)
-        return memory, torch.zeros(feats.shape[0], 0, dtype=torch.long, device=feats.device)
+        batch = feats.shape[0]
+        empty = memory.new_zeros(batch, 0, self.d_model)
+        return (memory, torch.zeros(batch, 0, dtype=torch.long, device=feats.device),
+                *(empty for _ in self.decoder.layers))
 
     def step(self, state, prev_tokens: torch.Tensor):
-        memory, tokens = state
+        """One token per row, incrementally: each layer attends from the new position to its cached earlier
+        positions, so a step costs the same at every length (the full-prefix :meth:`decode` of every step
+        grows with the caption). The logits equal ``decode(memory, tokens)[:, -1]`` to float rounding
+        (tested); a ``<pad>`` fed after a row's ``<eos>`` is not masked, which changes only rows already done."""
+        memory, tokens, *caches = state
+        position = tokens.shape[1]
         tokens = torch.cat([tokens, prev_tokens.unsqueeze(1)], dim=1)
-        return self.decode(memory, tokens)[:, -1], (memory, tokens), None
+        x = self.embed(prev_tokens).unsqueeze(1) * math.sqrt(self.d_model) + self.pos.weight[position]
+        new_caches = []
+        for layer, cache in zip(self.decoder.layers, caches):
+            h = layer.norm1(x)
+            keys = torch.cat([cache.to(h.dtype), h], dim=1)
+            x = x + layer.dropout1(layer.self_attn(h, keys, keys, need_weights=False)[0])
+            x = x + layer.dropout2(layer.multihead_attn(layer.norm2(x), memory, memory, need_weights=False)[0])
+            x = x + layer._ff_block(layer.norm3(x))
+            new_caches.append(keys)
+        return self.fc(self.norm(x))[:, 0], (memory, tokens, *new_caches), None
 
     @staticmethod
     def reorder_state(state, index: torch.Tensor, group: int = 1):

@@ -10,7 +10,11 @@ eval mode: the policy trained is the one that decodes at test time.
 
 Rewards come from :class:`CiderD`: CIDEr-D with document frequencies computed once from the training
 references and n-grams counted with numpy over whole batches; on the same references it equals
-``pycocoevalcap``'s CIDEr-D (tested to 1e-6).
+``pycocoevalcap``'s CIDEr-D (tested to 1e-6). With ``reward_eos`` every caption, sampled or reference,
+ends in an end word for the reward, so "... playing in a <eos>" no longer earns the n-grams of "... playing
+in a pool": CIDEr-D alone does not see where a caption stops, and policies trained on it learn to cut
+captions short after a function word (the "bad endings"; the end word is the practice of Luo's
+self-critical.pytorch).
 
 Every epoch ends with greedy captions of the validation images: BLEU-4 (the figure the registry ranks
 on), CIDEr-D, and caption diversity (distinct captions per image, words used), since SCST is known to
@@ -48,6 +52,7 @@ from .training import (CaptionData, TrainConfig, TrainResult, _best_file_matches
 logger = logging.getLogger(__name__)
 
 BASELINES = ("mean", "greedy")
+EOS_WORD = "<eos>"  # the end word of ``reward_eos``: a caption word never equals it
 SELECT_METRICS = ("val_bleu4", "val_cider_d")
 
 
@@ -66,12 +71,17 @@ class CiderD:
     hypothesis for image ``i`` uses those references and the document frequencies of the whole set, as
     ``pycocoevalcap.cider.Cider`` does when it scores that same set (its "length" is the number of
     bigrams, kept here so the figures agree).
+
+    ``end_word`` (e.g. ``"<eos>"``): appended to every reference and every hypothesis, so the score sees
+    where a caption ends (not part of coco-caption's CIDEr-D; for SCST rewards).
     """
 
-    def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0) -> None:
+    def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 end_word: str | None = None) -> None:
         if not references:
             raise ValueError("CiderD needs the references of at least one image")
         self.n, self.sigma = int(n), float(sigma)
+        self.end_word = end_word
         if not 1 <= self.n <= 4:
             raise ValueError(f"CiderD: n-gram order {n} is not from 1 to 4")
         self.words: dict[str, int] = {}
@@ -82,7 +92,8 @@ class CiderD:
         self.ref_len = math.log(float(self.n_images))
         self.n_refs = n_refs
         self.ref_start = np.concatenate([[0], np.cumsum(n_refs)[:-1]])
-        ref_ids = [self.encode(ref.split()) for refs in references for ref in refs]
+        tail = [end_word] if end_word else []
+        ref_ids = [self.encode(ref.split() + tail) for refs in references for ref in refs]
         image_of_ref = np.repeat(np.arange(self.n_images), n_refs)
         rows, keys, orders = self._ngrams(ref_ids)
         # document frequency: images whose references hold the n-gram
@@ -155,6 +166,9 @@ class CiderD:
     def score_words(self, hypotheses: Sequence[Sequence[int]], images: Sequence[int] | np.ndarray) -> np.ndarray:
         """CIDEr-D of each hypothesis (word ids, see :meth:`encode`) against the references of ``images[i]``."""
         images = np.asarray(images, dtype=np.int64)
+        if self.end_word:
+            end = self.encode([self.end_word])
+            hypotheses = [list(h) + end for h in hypotheses]
         n_hyp = len(hypotheses)
         if images.shape != (n_hyp,):
             raise ValueError(f"CiderD: {n_hyp} hypotheses but {images.shape} image indices")
@@ -234,6 +248,7 @@ class ScstConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     max_len: int = 22            # the most tokens a sampled caption may have (``<eos>`` included)
+    reward_eos: bool = False     # CIDEr-D reward with an end word on every caption (penalises cut-off endings)
     patience: int = 2            # epochs without a validation gain before stopping
     lr_factor: float = 0.5       # learning rate x factor when validation CIDEr-D stalls for lr_patience epochs
     lr_patience: int = 1
@@ -393,7 +408,7 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
     ckpt_dir = Path(checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     best_path = ckpt_dir / "best.pt"
-    cider = CiderD(train_references).use_vocabulary(data.itos)
+    cider = CiderD(train_references, end_word=EOS_WORD if cfg.reward_eos else None).use_vocabulary(data.itos)
     start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fingerprint = _fingerprint(model, data, cfg, start_weights, len(train_rows))
     main = distributed.is_main_process()
