@@ -200,7 +200,7 @@ class CNNTransformer(nn.Module):
 
     def init_state(self, feats: torch.Tensor):
         """``(memory, tokens so far, one self-attention cache per layer)``: a layer's cache holds its
-        normalised inputs at the positions decoded so far, the keys and values of its self-attention."""
+        normalised inputs at the positions decoded so far, from which its self-attention takes keys and values."""
         memory = self.encode_memory(feats)
         batch = feats.shape[0]
         empty = memory.new_zeros(batch, 0, self.d_model)
