@@ -109,12 +109,20 @@ def test_any_bytes_as_jsonl_never_raise_and_each_line_is_one_record(folder, data
 def test_any_bytes_as_a_json_file_never_raise(folder, data):
     records = read_and_check(folder, "chat.json", data)
     text = data.removeprefix(codecs.BOM_UTF8)
-    if not text.strip():
+    if not text.strip(b" \t\n\r"):  # JSON whitespace only; "\x1c" (str.isspace) is malformed JSON, not blank
         assert records == []
     elif len(records) == 1 and records[0].detail.startswith("the whole file is unreadable"):
         assert records[0].reason in {"invalid_utf8", "malformed_json", "too_deeply_nested", "not_a_list"}
     else:
         assert [r.line for r in records] == list(range(1, len(json.loads(text.decode("utf-8"))) + 1))
+
+
+@pytest.mark.parametrize("data", [b"\x1c", "\u00a0\n".encode(), b"\x0b"])
+def test_a_json_file_of_non_json_whitespace_is_one_malformed_record(folder, data):
+    """Python's str.isspace() takes these for blanks; JSON does not: the file is rejected, not read as empty."""
+    records = read_and_check(folder, "chat.json", data)
+    assert len(records) == 1 and records[0].reason == "malformed_json"
+    assert records[0].detail.startswith("the whole file is unreadable")
 
 
 @PROPERTY_SETTINGS

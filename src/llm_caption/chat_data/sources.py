@@ -169,11 +169,15 @@ def _whole_file_rejected(source: str, line: int, raw: str, reason: str, detail: 
                        detail=f"the whole file is unreadable: {detail}")]
 
 
+JSON_WHITESPACE = " \t\n\r"  # the whitespace JSON allows between tokens (RFC 8259)
+
+
 def _read_json(path: Path, source: str, parser: Callable, roles: Mapping[str, str] | None) -> list[ChatRecord]:
     """A JSON list of records (record number = position, 1-based).
 
-    A UTF-8 byte-order mark is skipped; an empty (or all-whitespace) file holds no records. A file that
-    does not decode, does not parse or whose top level is not a list is one rejected record naming why.
+    A UTF-8 byte-order mark is skipped; an empty file, or one of JSON whitespace only (space, tab, CR, LF),
+    holds no records. A file that does not decode, does not parse or whose top level is not a list is one
+    rejected record naming why.
     """
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
@@ -182,7 +186,7 @@ def _read_json(path: Path, source: str, parser: Callable, roles: Mapping[str, st
         line = data[:err.start].count(b"\n") + 1
         return _whole_file_rejected(source, line, data.decode("utf-8", "backslashreplace"), "invalid_utf8",
                                     f"byte {err.start} on line {line}: {err.reason}")
-    if not text.strip():
+    if not text.strip(JSON_WHITESPACE):  # str.strip() would also take "\x1c" or "\xa0", which JSON rejects
         return []
     obj, error = _decode_json(text)
     if error:
