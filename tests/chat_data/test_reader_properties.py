@@ -125,6 +125,11 @@ def test_a_json_file_of_non_json_whitespace_is_one_malformed_record(folder, data
     assert records[0].detail.startswith("the whole file is unreadable")
 
 
+def test_a_jsonl_line_of_non_json_whitespace_is_malformed_and_a_json_whitespace_line_is_blank(folder):
+    records = read_and_check(folder, "chat.jsonl", b" \t\n\x1c\n\xc2\xa0\n")
+    assert [(r.line, r.reason) for r in records] == [(1, "empty_record"), (2, "malformed_json"), (3, "malformed_json")]
+
+
 @PROPERTY_SETTINGS
 @given(lines=st.lists(json_line, max_size=8), ending=line_endings, fmt=st.sampled_from(["auto", "openai", "sharegpt"]))
 def test_any_json_one_value_a_line_gives_one_record_per_line(folder, lines, ending, fmt):

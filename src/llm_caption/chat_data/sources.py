@@ -136,6 +136,11 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+# The whitespace JSON allows between tokens (RFC 8259). str.strip() would also take "\x1c", "\x0b" or a
+# no-break space, which JSON rejects: a line or file of those is malformed JSON, not blank.
+JSON_WHITESPACE = " \t\n\r"
+
+
 def _jsonl_record(source: str, number: int, raw_bytes: bytes, parser: Callable,
                   roles: Mapping[str, str] | None) -> ChatRecord:
     """The record of one JSONL line: parsed, or rejected with the reason."""
@@ -144,7 +149,7 @@ def _jsonl_record(source: str, number: int, raw_bytes: bytes, parser: Callable,
     except UnicodeDecodeError as err:
         return ChatRecord(source, number, raw_bytes.decode("utf-8", "backslashreplace"), reason="invalid_utf8",
                           detail=f"byte {err.start} ({raw_bytes[err.start:err.start + 1]!r}): {err.reason}")
-    if not text.strip():
+    if not text.strip(JSON_WHITESPACE):
         return ChatRecord(source, number, text, reason="empty_record", detail="blank line")
     obj, error = _decode_json(text)
     if error:
@@ -169,9 +174,6 @@ def _whole_file_rejected(source: str, line: int, raw: str, reason: str, detail: 
                        detail=f"the whole file is unreadable: {detail}")]
 
 
-JSON_WHITESPACE = " \t\n\r"  # the whitespace JSON allows between tokens (RFC 8259)
-
-
 def _read_json(path: Path, source: str, parser: Callable, roles: Mapping[str, str] | None) -> list[ChatRecord]:
     """A JSON list of records (record number = position, 1-based).
 
@@ -186,7 +188,7 @@ def _read_json(path: Path, source: str, parser: Callable, roles: Mapping[str, st
         line = data[:err.start].count(b"\n") + 1
         return _whole_file_rejected(source, line, data.decode("utf-8", "backslashreplace"), "invalid_utf8",
                                     f"byte {err.start} on line {line}: {err.reason}")
-    if not text.strip(JSON_WHITESPACE):  # str.strip() would also take "\x1c" or "\xa0", which JSON rejects
+    if not text.strip(JSON_WHITESPACE):
         return []
     obj, error = _decode_json(text)
     if error:
