@@ -302,3 +302,40 @@ def test_bf16_from_parameters_falls_back_to_fp32_without_native_bf16(caplog):
     assert cfg.precision == scst.precision == ("bf16" if native else "fp32")
     assert ("no native bf16" in caplog.text) is (not native)
     assert TrainConfig.from_params({"precision": "fp32"}).precision == "fp32"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_cosine_schedule_follows_the_steps_and_resumes_exactly(data_file, tmp_path):
+    from llm_caption.captioning.training import cosine_factor
+
+    data = load_data(data_file)
+    cfg = TrainConfig(**{**CFG, "lr_schedule": "cosine", "min_lr_ratio": 0.1})
+    model = _model(len(data.itos))
+    full = train_captioner(model, data, cfg, tmp_path / "full")
+    steps = -(-data.train.tokens.shape[0] // cfg.batch_size)
+    total = cfg.epochs * steps
+    lrs = [h["lr"] for h in full.history]
+    assert lrs == pytest.approx([cfg.lr * cosine_factor(e * steps, total, 0.1) for e in range(cfg.epochs)])
+    assert lrs[0] == pytest.approx(cfg.lr) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert cosine_factor(total, total, 0.1) == pytest.approx(0.1) == cosine_factor(total + 5, total, 0.1)
+    opt = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["optimizer"]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(cfg.lr * 0.1)  # the end of the cosine
+
+    def crash(epoch, record, sample):
+        if epoch == 2:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train_captioner(_model(len(data.itos)), data, cfg, tmp_path / "resumed", on_epoch_end=crash)
+    resumed_model = _model(len(data.itos))
+    resumed = train_captioner(resumed_model, data, cfg, tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 2
+    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in model.state_dict().items())
+    plateau = train_captioner(_model(len(data.itos)), data, TrainConfig(**CFG), tmp_path / "plateau")
+    assert plateau.history[-1]["train_loss"] != full.history[-1]["train_loss"]
+    with pytest.raises(ValueError, match="training.lr_schedule: 'linear'"):
+        TrainConfig(lr_schedule="linear")

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 
 PRECISIONS = {"fp32", "bf16"}
+LR_SCHEDULES = {"plateau", "cosine"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class TrainConfig:
     min_delta: float = 0.0
     lr_factor: float = 0.5
     lr_patience: int = 1
+    lr_schedule: str = "plateau"  # "cosine": from lr down to lr * min_lr_ratio over every step of `epochs`
+    min_lr_ratio: float = 0.0
     max_decode_len: int = 30
     eval_batch_size: int = 256
     val_bleu_images: int | None = None
@@ -80,6 +84,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"training.precision: '{self.precision}' is not one of {sorted(PRECISIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"training.lr_schedule: '{self.lr_schedule}' is not one of {sorted(LR_SCHEDULES)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"training.min_lr_ratio: {self.min_lr_ratio} is not between 0 and 1")
 
     def autocast(self):
         """The autocast context of this precision (a no-op for fp32)."""
@@ -145,6 +153,13 @@ def bleu4(references: list[list[str]], hypotheses: list[str]) -> float:
     gts = {str(i): list(refs) for i, refs in enumerate(references)}
     res = {str(i): hyp for i, hyp in enumerate(hypotheses)}
     return float(CocoBleuScorer().score(gts, res).corpus["bleu_4"])
+
+
+def cosine_factor(step: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """The multiplier of the base learning rate after ``step`` of ``total_steps`` optimizer steps: half a cosine
+    from 1 down to ``min_ratio`` (held there past the last step)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _fingerprint(model: nn.Module, data: CaptionData, cfg: TrainConfig) -> str:
@@ -421,9 +436,16 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     world = distributed.world_size() if distributed.ensure_process_group() else 1
     main = distributed.is_main_process()
 
+    n_train = data.train.tokens.shape[0]
+    per_rank = -(-n_train // world)  # EpochOrderSampler pads every rank to the same count
+    total_steps = cfg.epochs * -(-per_rank // cfg.batch_size)
+
     def make_optim() -> tuple[torch.optim.Optimizer, Any]:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
+        if cfg.lr_schedule == "cosine":
+            return optimizer, torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: cosine_factor(step, total_steps, cfg.min_lr_ratio))
         return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                                      patience=cfg.lr_patience)
 
@@ -442,7 +464,6 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     start_epoch = progress.epoch + 1
     resumed_from = start_epoch - 1
 
-    n_train = data.train.tokens.shape[0]
     n_views = data.features.shape[1]
     bleu_rows = data.val_image_rows[: cfg.val_bleu_images] if cfg.val_bleu_images else data.val_image_rows
     bleu_refs = data.val_references[: len(bleu_rows)]
@@ -454,6 +475,7 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         if stopped:
             break
         t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]  # the epoch's (first step's) learning rate
         model.train()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_train, generator=gen)
@@ -478,6 +500,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if cfg.lr_schedule == "cosine":
+                scheduler.step()
             total += float(loss.detach()) if step_loss is None else step_loss
             steps += 1
         train_time = time.perf_counter() - t0
@@ -485,8 +509,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         val_loss = evaluate_loss(model, data, data.val, cfg)
         hyps = greedy_captions(model, data.features, bleu_rows, data.itos, cfg)
         val_bleu = bleu4(bleu_refs, hyps)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(val_loss)
+        if cfg.lr_schedule == "plateau":
+            scheduler.step(val_loss)
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_bleu4": val_bleu, "lr": lr,
                   "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}
         history.append(record)
