@@ -437,7 +437,8 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     main = distributed.is_main_process()
 
     n_train = data.train.tokens.shape[0]
-    per_rank = -(-n_train // world)  # EpochOrderSampler pads every rank to the same count
+    sampler = EpochOrderSampler(n_train, world, distributed.rank(), cfg.seed) if world > 1 else None
+    per_rank = len(sampler) if sampler is not None else n_train  # captions per rank and epoch
     total_steps = cfg.epochs * -(-per_rank // cfg.batch_size)
 
     def make_optim() -> tuple[torch.optim.Optimizer, Any]:
@@ -467,10 +468,7 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     n_views = data.features.shape[1]
     bleu_rows = data.val_image_rows[: cfg.val_bleu_images] if cfg.val_bleu_images else data.val_image_rows
     bleu_refs = data.val_references[: len(bleu_rows)]
-    trained, sampler = model, None
-    if world > 1:
-        trained = _DataParallel(model)
-        sampler = EpochOrderSampler(n_train, world, distributed.rank(), cfg.seed)
+    trained = _DataParallel(model) if world > 1 else model
     for epoch in range(start_epoch, cfg.epochs + 1):
         if stopped:
             break
