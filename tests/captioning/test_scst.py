@@ -16,9 +16,9 @@ from caption_fixtures import make_caption_inputs
 from llm_caption.captioning.decoding import EOS
 from llm_caption.captioning.encoder import build_encoder
 from llm_caption.captioning.features import extract_features
-from llm_caption.captioning.models import build_decoder
+from llm_caption.captioning.models import build_decoder, caption_loss
 from llm_caption.captioning.scst import CiderD, ScstConfig, diversity, sample_captions, scst_step, train_scst
-from llm_caption.captioning.training import CaptionData, CaptionSplit
+from llm_caption.captioning.training import CaptionData, CaptionSplit, read_checkpoint
 from llm_caption.captioning.transforms import build_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -199,6 +199,54 @@ def test_greedy_baseline_trains_too(scst_data):
     assert _mean_sample_reward(model, feats, cider, images) > before
 
 
+def test_sample_dropout_samples_with_the_decoders_dropout(scst_data):
+    """sample_dropout samples in train mode: a decoder with dropout draws other captions from the same generator
+    than the test-time policy does; a decoder without dropout draws the same ones."""
+    data, rows, refs = load_scst_data(scst_data)
+    cider = CiderD(refs).use_vocabulary(data.itos)
+    feats, images = data.features[rows, 0].float(), np.arange(len(rows))
+
+    def step(dropout, sample_dropout):
+        torch.manual_seed(0)
+        model = build_decoder(ARCH, len(data.itos), 1280, **{**KWARGS, "dropout": dropout})
+        cfg = ScstConfig(samples=3, max_len=10, sample_dropout=sample_dropout, seed=1)
+        out = scst_step(model, feats, images, cider, cfg, torch.Generator().manual_seed(1),
+                        torch.optim.Adam(model.parameters(), lr=1e-3))
+        return out["sample_reward"], out["loss"]
+
+    assert step(0.0, True) == step(0.0, False)
+    assert step(0.5, True) != step(0.5, False)
+
+
+def _reference_loss(model, data):
+    with torch.no_grad():
+        return float(caption_loss(model, data.features[data.train.image_rows, 0].float(), data.train.tokens))
+
+
+def test_mixed_objective_keeps_the_references_likely(scst_data, tmp_path):
+    """xe_weight adds the cross-entropy of the training captions: after the same SCST steps the model assigns
+    its training captions a lower loss than pure SCST does, and the epoch logs that loss."""
+    data, rows, refs = load_scst_data(scst_data)
+    cfg = {**CFG, "epochs": 2, "lr": 3e-3}
+    losses, results = {}, {}
+    for weight in (0.0, 1.0):
+        model = _model(len(data.itos))
+        results[weight] = train_scst(model, data, rows, refs, ScstConfig(**{**cfg, "xe_weight": weight}),
+                                     tmp_path / f"w{weight}")
+        model.load_state_dict(read_checkpoint(tmp_path / f"w{weight}" / "last.pt")["model"])  # the last epoch
+        losses[weight] = _reference_loss(model, data)
+    assert losses[1.0] < losses[0.0]
+    assert "xe_loss" not in results[0.0].history[-1]
+    assert np.isfinite(results[1.0].history[-1]["xe_loss"]) and results[1.0].history[-1]["xe_loss"] > 0
+    with pytest.raises(ValueError, match="xe_weight must be a finite number >= 0"):
+        ScstConfig(xe_weight=-0.1)
+    cider = CiderD(refs).use_vocabulary(data.itos)
+    model = _model(len(data.itos))
+    with pytest.raises(ValueError, match="needs one training caption per image"):
+        scst_step(model, data.features[rows, 0].float(), np.arange(len(rows)), cider, ScstConfig(xe_weight=0.5),
+                  torch.Generator().manual_seed(0), torch.optim.Adam(model.parameters()))
+
+
 def _strip_times(history):
     """History without timings; NaN (epoch 0 has no training loss) as None so that records compare equal."""
     return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in h.items() if "time" not in k}
@@ -262,12 +310,17 @@ def test_resume_after_kill_during_scst_matches_the_uninterrupted_run(scst_data, 
 
 
 def test_scst_sweep_settings_and_missing_start(tmp_path):
-    from llm_caption.captioning.scst_sweep import load_start, parse_settings
+    from llm_caption.captioning.scst_sweep import load_start, parse_settings, parse_variant
 
     assert parse_settings(["lr=5.0e-5,2.0e-4", "baseline=greedy"]) == [
         ("lr=5.0e-5", {"lr": 5e-5}), ("lr=2.0e-4", {"lr": 2e-4}), ("baseline=greedy", {"baseline": "greedy"})]
     with pytest.raises(ValueError, match="key=value"):
         parse_settings(["lr"])
+    assert parse_variant(" batch_images=10  lr=1.0e-4") == ("batch_images=10 lr=1.0e-4", {"batch_images": 10, "lr": 1e-4})
+    with pytest.raises(ValueError, match="sets 'lr' twice"):
+        parse_variant("lr=1e-4 lr=2e-4")
+    with pytest.raises(ValueError, match="key=value key=value"):
+        parse_variant("batch_images=10 lr")
     with pytest.raises(FileNotFoundError, match="show_attend_tell/best.pt does not exist"):
         load_start(tmp_path, "show_attend_tell")
     (tmp_path / "show_tell").mkdir()

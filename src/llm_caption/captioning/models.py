@@ -125,9 +125,9 @@ class ShowAttendTell(nn.Module):
         row per decoder row, as ``init_state`` makes it, or one row per block of rows (the beams of one image,
         see ``reorder_state``): the same numbers, without a copy of the grid for every beam."""
         h, c, feats, feats_att = state
-        if feats.shape[0] == h.shape[0]:
-            h, state, alpha = self._advance(state, self.embed(prev_tokens))
-            return self.fc(h), state, alpha
+        if feats.shape[0] == h.shape[0]:  # dropout as in forward (a no-op in eval mode; SCST's sample_dropout)
+            h, state, alpha = self._advance(state, self.dropout(self.embed(prev_tokens)))
+            return self.fc(self.dropout(h)), state, alpha
         rows, images = h.shape[0], feats.shape[0]
         group = rows // images
         att = self.attention

@@ -45,6 +45,7 @@ from .. import distributed
 from ..common import effective_precision
 from ..limits import config_values
 from .decoding import EOS, PAD, SOS, decode_batched, greedy_decode, ids_to_words
+from .models import caption_loss
 from .training import (CaptionData, TrainConfig, TrainResult, _best_file_matches, _epoch_generator, _export_best,
                        _Progress, _remove_partial_writes, _resume, _seed_all, _write_checkpoint, bleu4,
                        evaluate_loss, history_seconds, rng_state)
@@ -249,6 +250,9 @@ class ScstConfig:
     grad_clip: float = 5.0
     max_len: int = 22            # the most tokens a sampled caption may have (``<eos>`` included)
     reward_eos: bool = False     # CIDEr-D reward with an end word on every caption (penalises cut-off endings)
+    sample_dropout: bool = False  # sample and follow the gradient with the decoder's dropout on (train mode)
+    xe_weight: float = 0.0       # mixed objective: + xe_weight x the teacher-forced cross-entropy of one training
+                                 # caption of every step image (0: policy gradient alone)
     patience: int = 2            # epochs without a validation gain before stopping
     lr_factor: float = 0.5       # learning rate x factor when validation CIDEr-D stalls for lr_patience epochs
     lr_patience: int = 1
@@ -269,6 +273,8 @@ class ScstConfig:
         for name in ("epochs", "batch_images", "samples", "max_len"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"scst.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (math.isfinite(float(self.xe_weight)) and float(self.xe_weight) >= 0):
+            raise ValueError(f"scst.xe_weight must be a finite number >= 0, got {self.xe_weight!r}")
 
     def eval_config(self) -> TrainConfig:
         """The training settings that validation shares with cross-entropy training."""
@@ -325,13 +331,18 @@ def _cut(row: list[int]) -> list[int]:
 
 
 def scst_step(model: nn.Module, feats: torch.Tensor, images: np.ndarray, cider: CiderD, cfg: ScstConfig,
-              generator: torch.Generator, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+              generator: torch.Generator, optimizer: torch.optim.Optimizer,
+              xe_tokens: torch.Tensor | None = None) -> dict[str, float]:
     """One policy-gradient step on the images ``images`` (indices into ``cider``'s references) with grids
-    ``feats``; returns the step's loss, mean sample reward and mean greedy reward."""
+    ``feats``; returns the step's loss, mean sample reward and mean greedy reward.
+
+    ``xe_tokens`` (``[B, L]``, one training caption per image, ``<sos> ... <eos> <pad>...``): with
+    ``cfg.xe_weight > 0`` their teacher-forced cross-entropy, times ``xe_weight``, is added to the loss.
+    """
     k = cfg.samples
     greedy = greedy_decode(model, feats, cfg.max_len)  # eval mode, no gradient
     greedy_reward = cider.score_tokens(greedy.tokens, images)
-    model.eval()  # sample the test-time policy (no dropout)
+    model.train(cfg.sample_dropout)  # default: sample the test-time policy (no dropout)
     tokens, log_probs, mask = sample_captions(model, feats, k, cfg.max_len, generator,
                                               cfg.eval_config().autocast())
     reward = cider.score_tokens([_cut(r) for r in tokens.tolist()], np.repeat(images, k))
@@ -343,13 +354,20 @@ def scst_step(model: nn.Module, feats: torch.Tensor, images: np.ndarray, cider: 
     advantage = (reward_t - baseline).reshape(-1, 1)
     maskf = mask.float()
     loss = -(advantage * log_probs * maskf).sum() / maskf.sum().clamp(min=1.0)
+    xe = None
+    if cfg.xe_weight > 0:
+        if xe_tokens is None:
+            raise ValueError("scst_step: xe_weight > 0 needs one training caption per image (xe_tokens)")
+        with cfg.eval_config().autocast():
+            xe = caption_loss(model, feats, xe_tokens, cfg.label_smoothing).float()
+        loss = loss + cfg.xe_weight * xe
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     return {"loss": float(loss.detach()), "sample_reward": float(reward.mean()),
-            "greedy_reward": float(greedy_reward.mean())}
+            "greedy_reward": float(greedy_reward.mean()), "xe_loss": float("nan") if xe is None else float(xe.detach())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,6 +409,19 @@ def _fingerprint(model: nn.Module, data: CaptionData, cfg: ScstConfig, start: Ma
                "features": list(data.features.shape), "train_images": n_images, "config": dataclasses.asdict(cfg),
                "stage": "scst"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _captions_per_image(data: CaptionData, train_rows: torch.Tensor) -> list[list[int]]:
+    """The indices into ``data.train`` of every training image's captions (for the mixed objective)."""
+    by_row: dict[int, list[int]] = {}
+    for j, row in enumerate(data.train.image_rows.tolist()):
+        by_row.setdefault(int(row), []).append(j)
+    out = [by_row.get(int(row), []) for row in train_rows.tolist()]
+    missing = [i for i, c in enumerate(out) if not c]
+    if missing:
+        raise ValueError(f"scst.xe_weight: training image {missing[0]} (feature row {int(train_rows[missing[0]])}) "
+                         f"has no training caption ({len(missing)} images without one)")
+    return out
 
 
 def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, train_references: Sequence[Sequence[str]],
@@ -465,20 +496,26 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
                          "greedy_reward": start_reward, "lr": cfg.lr, "epoch_time_s": time.perf_counter() - t0,
                          "train_epoch_time_s": 0.0}, hyps)
     n_images = len(train_rows)
+    captions_of = _captions_per_image(data, train_rows) if cfg.xe_weight > 0 else None
     for epoch in range(int(history[-1]["epoch"]) + 1, cfg.epochs + 1):
         if stopped:
             break
         t0 = time.perf_counter()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_images, generator=gen)
-        totals = {"loss": 0.0, "sample_reward": 0.0, "greedy_reward": 0.0}
+        totals = {"loss": 0.0, "sample_reward": 0.0, "greedy_reward": 0.0, "xe_loss": 0.0}
         steps = 0
         bar = tqdm(range(0, n_images, cfg.batch_images), desc=f"{name} epoch {epoch}", unit="batch", leave=False,
                    disable=not main)
         for lo in bar:
             idx = order[lo: lo + cfg.batch_images]
             feats = data.features[train_rows[idx], 0].float()
-            step = scst_step(model, feats, idx.numpy(), cider, cfg, gen, optimizer)
+            xe_tokens = None
+            if captions_of is not None:  # one of each image's training captions, drawn after the step's order
+                picks = [captions_of[i][int(torch.randint(len(captions_of[i]), (1,), generator=gen))]
+                         for i in idx.tolist()]
+                xe_tokens = data.train.tokens[torch.tensor(picks)]
+            step = scst_step(model, feats, idx.numpy(), cider, cfg, gen, optimizer, xe_tokens)
             for key in totals:
                 totals[key] += step[key]
             steps += 1
@@ -489,7 +526,9 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
         scheduler.step(figures["val_cider_d"])
         finish_epoch(epoch, {"epoch": epoch, "train_loss": totals["loss"] / max(1, steps), **figures,
                              "sample_reward": totals["sample_reward"] / max(1, steps),
-                             "greedy_reward": totals["greedy_reward"] / max(1, steps), "lr": lr,
+                             "greedy_reward": totals["greedy_reward"] / max(1, steps),
+                             **({"xe_loss": totals["xe_loss"] / max(1, steps)} if captions_of is not None else {}),
+                             "lr": lr,
                              "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}, hyps)
         if stopped:
             logger.info("%s: early stop after epoch %d (no %s gain for %d epochs)", name, epoch, cfg.select_by,

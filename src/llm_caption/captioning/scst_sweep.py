@@ -8,7 +8,8 @@ weights of ``--architecture`` (default: the ``scst.architecture`` of the paramet
 (a key of the ``scst`` block), for ``--epochs`` epochs. Every epoch is measured as the pipeline measures
 it: greedy captions of the validation images (``val_images``), BLEU-4, CIDEr-D, diversity; epoch 0 is
 the starting point. Nothing is tracked or registered; the per-epoch table is written to
-``<out>/scst_sweep.csv`` and printed. Checkpoints go to ``<out>/<variant>``, so a killed sweep resumes.
+``<out>/scst_sweep.csv`` and printed. ``--variant "batch_images=10 lr=1.0e-4"`` is one variant that changes
+several keys at once. Checkpoints go to ``<out>/<variant>``, so a killed sweep resumes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SHOWN = ["variant", "epoch", "sample_reward", "greedy_reward", "val_bleu4", "val_cider_d", "val_distinct_captions",
+SHOWN = ["variant", "epoch", "sample_reward", "greedy_reward", "xe_loss", "val_bleu4", "val_cider_d", "val_distinct_captions",
          "val_vocab_used", "val_loss", "train_epoch_time_s"]
 
 
@@ -39,6 +40,24 @@ def parse_settings(settings: list[str]) -> list[tuple[str, dict[str, Any]]]:
             raise ValueError(f"--set expects key=value[,value...], got {setting!r}")
         out.extend((f"{key}={raw}", {key: parse_value(raw)}) for raw in values.split(","))
     return out
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """``"batch_images=10 lr=1e-4"`` -> ``("batch_images=10 lr=1e-4", {"batch_images": 10, "lr": 1e-4})``:
+    one variant that changes several keys at once."""
+    from ..llm.dev_sweep import parse_value
+
+    overrides: dict[str, Any] = {}
+    for part in variant.split():
+        key, sep, raw = part.partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"--variant expects 'key=value key=value ...', got {variant!r} ({part!r})")
+        if key in overrides:
+            raise ValueError(f"--variant {variant!r} sets {key!r} twice")
+        overrides[key] = parse_value(raw)
+    if not overrides:
+        raise ValueError("--variant is empty")
+    return " ".join(variant.split()), overrides
 
 
 def load_start(checkpoint_dir: Path, architecture: str) -> dict[str, Any]:
@@ -69,8 +88,8 @@ def sweep(features, captions: pd.DataFrame, vocab: dict[str, Any], params: dict[
         cfg = scst_config({**params, "scst": scst}, seed)
         model = load_trained(architecture, start, params, len(data.itos), features.channels)
         logger.info("SCST variant %s from %s epoch %s: %s", name, architecture, start.get("epoch"), cfg)
-        result = train_scst(model, data, train_rows, list(train_refs.values()), cfg, out / name.replace("=", "_"),
-                            name=name)
+        folder = out / name.replace("=", "_").replace(" ", "_")
+        result = train_scst(model, data, train_rows, list(train_refs.values()), cfg, folder, name=name)
         frame = pd.DataFrame(result.history)
         frame.insert(0, "variant", name)
         frames.append(frame)
@@ -84,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--env", default="base", help="Kedro environment (its features, captions and checkpoints)")
     parser.add_argument("--architecture", default=None, help="cross-entropy architecture to start from")
-    parser.add_argument("--set", dest="settings", action="append", required=True,
-                        help="key=v1,v2: a key of caption_training.scst (lr, samples, baseline, batch_images ...)")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        help="key=v1,v2: a key of caption_training.scst (lr, samples, baseline, batch_images ...), "
+                             "one variant per value")
+    parser.add_argument("--variant", dest="variants", action="append", default=[],
+                        help="'key=value key=value': one variant that changes several keys at once")
     parser.add_argument("--epochs", type=int, default=2, help="SCST epochs of every variant")
     parser.add_argument("--out", type=Path, default=Path("data/scst_sweep"), help="checkpoints and table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch_num_threads)")
     args = parser.parse_args(argv)
+    if not args.settings and not args.variants:
+        parser.error("give at least one --set or --variant")
+    variants = parse_settings(args.settings) + [parse_variant(v) for v in args.variants]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from kedro.framework.session import KedroSession
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
     architecture = args.architecture or (cfg.get("scst") or {}).get("architecture") or "show_attend_tell"
     args.out.mkdir(parents=True, exist_ok=True)
-    table = sweep(features, captions, vocab, cfg, int(params["seed"]), architecture, parse_settings(args.settings),
+    table = sweep(features, captions, vocab, cfg, int(params["seed"]), architecture, variants,
                   args.epochs, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
         print(table[[c for c in SHOWN if c in table.columns]].to_string(index=False))
