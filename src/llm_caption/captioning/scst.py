@@ -503,7 +503,7 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
         t0 = time.perf_counter()
         gen = _epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_images, generator=gen)
-        totals = {"loss": 0.0, "sample_reward": 0.0, "greedy_reward": 0.0, "xe_loss": 0.0}
+        totals = dict.fromkeys(["loss", "sample_reward", "greedy_reward"] + (["xe_loss"] if captions_of else []), 0.0)
         steps = 0
         bar = tqdm(range(0, n_images, cfg.batch_images), desc=f"{name} epoch {epoch}", unit="batch", leave=False,
                    disable=not main)
@@ -527,7 +527,7 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
         finish_epoch(epoch, {"epoch": epoch, "train_loss": totals["loss"] / max(1, steps), **figures,
                              "sample_reward": totals["sample_reward"] / max(1, steps),
                              "greedy_reward": totals["greedy_reward"] / max(1, steps),
-                             **({"xe_loss": totals["xe_loss"] / max(1, steps)} if captions_of is not None else {}),
+                             **({"xe_loss": totals["xe_loss"] / max(1, steps)} if "xe_loss" in totals else {}),
                              "lr": lr,
                              "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}, hyps)
         if stopped:
