@@ -1,5 +1,5 @@
-"""The shortcuts that make a method run faster compute the same thing as the plain path: scoring only the
-labelled positions in the LM head, generating with merged adapters or precomputed soft prompts, and reusing the
+"""The shortcuts that make a method run faster compute the same thing as the plain path: padding-free batches
+(the labelled head itself is tested in test_labelled_head.py), generating with merged adapters or precomputed soft prompts, and reusing the
 eval the trainer logged at its last step."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from llm_caption.llm.generation import generate_answers, generation_model
 from llm_caption.llm.methods import MethodContext, build_method
 from llm_caption.llm.models import train_chat_template
 from llm_caption.llm import training as training_module
-from llm_caption.llm.training import labelled_positions_only, train_method
+from llm_caption.llm.training import train_method
 from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
 PROMPTS = [[{"role": "user", "content": "یک شعر کوتاه درباره یک دانشجوی دانشگاه تهران بنویس"}],
@@ -37,37 +37,30 @@ def _perturbed(base_model, tokenizer, finetuning_cfg, method: str):
     return model.eval()
 
 
-def test_scoring_only_labelled_positions_gives_the_same_loss_and_gradients(base_model, tokenizer, model_spec):
-    from trl.trainer import utils as trl_utils
-    from trl.trainer.utils import add_fused_lm_head
-
-    conversations = persian_conversations(3)
-    data = tokenize_conversations(tokenizer, [(f"c{i}", c) for i, c in enumerate(conversations)],
-                                  train_chat_template(model_spec), 64)
-    length = min(len(x) for x in data["input_ids"])
-    input_ids = torch.tensor([x[:length] for x in data["input_ids"]])
-    labels = torch.tensor([x[:length] for x in data["labels"]])
-    assert 0 < int((labels != -100).sum()) < labels.numel()  # some positions are not scored
-
-    model = copy.deepcopy(base_model).train()
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    probe = model.model.layers[0].mlp.down_proj.weight
-
-    def loss_and_grad():
-        model.zero_grad()
-        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
-        out.loss.backward()
-        return out.loss.detach(), probe.grad.detach().clone(), out.entropy.detach()
-
-    original = trl_utils._use_triton
-    full = loss_and_grad()
-    with labelled_positions_only() as active:
-        assert active and trl_utils._use_triton is not original
-        compact = loss_and_grad()
-    assert trl_utils._use_triton is original
-    torch.testing.assert_close(compact[0], full[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(compact[1], full[1], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(compact[2], full[2], rtol=1e-4, atol=1e-5)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_padding_free_training_gives_the_padded_losses(method, base_model, tokenizer, model_spec, finetuning_cfg,
+                                                       tmp_path):
+    """``train_method`` in fp32 with padding-free batches (LoRA) or the padded batches prompt learning keeps
+    (prompt tuning): the per-step train losses and the eval loss are those of padded batches."""
+    conversations = persian_conversations(20)[10:]
+    template = train_chat_template(model_spec)
+    train = tokenize_conversations(tokenizer, [(f"t{i}", c) for i, c in enumerate(conversations[:6])], template, 80)
+    evaluation = tokenize_conversations(tokenizer, [(f"e{i}", c) for i, c in enumerate(conversations[6:])], template, 80)
+    assert len({len(x) for x in train["input_ids"]}) > 1  # padded batches really pad
+    method_cfg, training = method_settings(finetuning_cfg, method)
+    settings = {**training, "max_steps": 3, "warmup_steps": 0, "per_device_train_batch_size": 2, "eval_steps": 3,
+                "save_strategy": "no", "resume": False, "bf16": False}
+    results = {}
+    for padding_free in (True, False):
+        model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=0))
+        results[padding_free] = train_method(model, tokenizer, train, evaluation,
+                                             {**settings, "padding_free": padding_free}, tmp_path / str(padding_free),
+                                             seed=42)
+    losses = {k: [r["loss"] for r in v.loss_history if r["split"] == "train"] for k, v in results.items()}
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert results[True].eval_loss == pytest.approx(results[False].eval_loss, rel=1e-4)
 
 
 def _greedy_reference(model, tokenizer, conversation, n_tokens: int) -> str:

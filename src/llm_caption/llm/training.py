@@ -28,7 +28,7 @@ from ..common import cpu_supports_bf16
 logger = logging.getLogger(__name__)
 
 # Keys of the `training` block that are ours, not SFTConfig's.
-_OWN_KEYS = {"resume"}
+_OWN_KEYS = {"resume", "padding_free"}
 
 
 @dataclass
@@ -80,31 +80,30 @@ def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
         out["peak"] = max(peak[0], process.memory_info().rss) / 2**20
 
 
-@contextlib.contextmanager
-def labelled_positions_only() -> Iterator[bool]:
-    """Make TRL's fused LM head score only the positions that carry a label, on every device.
+def labelled_head_trainer(padding_free: bool):
+    """An ``SFTTrainer`` subclass whose loss is :mod:`.labelled_head`'s: the output layer over labelled positions
+    only, under the Trainer's autocast, cross-entropy in fp32; nothing else computed per step (TRL's per-step
+    entropy and token accuracy over the logits are not). ``padding_free``: batches without padding
+    (:class:`.labelled_head.PaddingFreeCollator`) for every method but prompt learning."""
+    from trl import SFTTrainer
 
-    The loss covers assistant tokens only (about a third of a chat sequence here), yet off CUDA/XPU TRL
-    projects every position through the LM head (a 49k-word vocabulary, in fp32) and masks afterwards,
-    to keep tile shapes fixed for compiled backends. Eager CPU execution gains nothing from fixed shapes, so
-    inside this block the labelled positions are gathered first, as TRL does on Triton devices: the same
-    loss and gradients, ~30% less time per step for SmolLM2-135M on CPU. Yields whether it is in effect.
-    """
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover - trl is a pinned dependency
-        yield False
-        return
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
-        logger.warning("trl.trainer.utils has no _use_triton: every position is scored by the LM head")
-        yield False
-        return
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield True
-    finally:
-        trl_utils._use_triton = original
+    from .labelled_head import PaddingFreeCollator, add_labelled_head, is_prompt_learning
+
+    class LabelledHeadTrainer(SFTTrainer):
+        def __init__(self, model, *args, **kwargs):
+            if padding_free and not is_prompt_learning(model):
+                kwargs.setdefault("data_collator", PaddingFreeCollator())
+            super().__init__(model, *args, **kwargs)
+            add_labelled_head(self.model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs, use_cache=False, labelled_head=True, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages gradients
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelledHeadTrainer
 
 
 def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, gradient_checkpointing: bool):
@@ -131,6 +130,8 @@ def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, g
         "packing": False,
         "lr_scheduler_type": "constant",
         "disable_tqdm": False,
+        # The datasets are tokenized and cut already (chat_format): TRL's preparation pass would only copy them.
+        "dataset_kwargs": {"skip_prepare_dataset": True},
     }
     settings.update({k: v for k, v in training.items() if k not in _OWN_KEYS})
     if not on_gpu:
@@ -253,19 +254,20 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
                  seed: int, train: bool = True, callbacks: list | None = None) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` parameters) and evaluate it; ``train=False`` only evaluates.
 
-    ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...) and
-    ``resume`` (continue from the last checkpoint in ``output_dir`` when there is one). ``callbacks`` are
+    ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...), ``resume``
+    (continue from the last checkpoint in ``output_dir`` when there is one) and ``padding_free`` (default true:
+    batches without padding, see :func:`labelled_head_trainer`). ``callbacks`` are
     extra ``transformers.TrainerCallback`` objects (e.g. the benchmarks' step clock).
     """
     from transformers import set_seed
-    from trl import SFTTrainer
 
     set_seed(seed)
     resume = last_checkpoint(output_dir) if training.get("resume", True) and train else None
     config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=list(callbacks or []))
-    with peak_memory_mb() as memory, labelled_positions_only():
+    trainer_class = labelled_head_trainer(bool(training.get("padding_free", True)))
+    trainer = trainer_class(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=list(callbacks or []))
+    with peak_memory_mb() as memory:
         start = time.perf_counter()
         start_step = 0
         tokens = 0.0

@@ -1,0 +1,160 @@
+"""The causal-LM loss over labelled positions only, with the output layer in the autocast dtype.
+
+Chat SFT scores assistant tokens only, and padding scores nothing, yet a causal LM's own forward projects
+every position through its output layer (SmolLM2: 49,152 x 576; Gemma-3-270m: 262,144 x 640, 168M of its
+268M parameters) and throws most of those logits away. Here the backbone runs as usual, then only the hidden
+states whose *shifted* label is not ``-100`` are gathered and projected, under whatever autocast is active (the
+Trainer's bf16 autocast when training asks for bf16), and the cross-entropy is taken in fp32. Run without
+autocast it equals the model's own loss to float rounding (tested, 1e-5 per token).
+
+:func:`add_labelled_head` patches a model so that ``model(..., labels=..., labelled_head=True)`` returns that
+loss (and no logits); the flag passes through PEFT wrappers (LoRA-family models and prompt learning alike:
+PEFT prefixes the labels of virtual tokens with ``-100``, so they are skipped). Without the flag the model is
+unchanged, so generation and saving see the original forward.
+
+:class:`PaddingFreeCollator` removes padding from the batches: a batch's conversations are laid end to end in
+one row, with ``position_ids`` restarting at 0 for each, and no attention mask; transformers then builds a
+block-diagonal causal mask from the position ids, so no token attends across a conversation boundary and
+every conversation gets the loss it gets alone (tested, 1e-5). Prompt learning (virtual tokens or a prefix
+cache, which belong to one conversation) keeps padded batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .chat_format import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+# Above this many logits (labelled tokens x vocabulary) in one projection, the head runs in token chunks whose
+# logits are recomputed in the backward pass, so that only one chunk's logits are alive at a time.
+CHUNK_LOGITS = 64 * 2**20
+
+
+def _head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              softcap: float | None, scale: float) -> torch.Tensor:
+    """Summed negative log-likelihood of ``targets`` under ``hidden @ weight.T`` (the autocast dtype for the
+    projection, fp32 for the softmax)."""
+    logits = F.linear(hidden, weight, bias).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def labelled_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None = None,
+                 scale: float = 1.0, chunk_logits: int = CHUNK_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of scored tokens) of the next-token labels: position ``t`` predicts ``labels[t + 1]``.
+
+    ``hidden`` is ``[batch, seq, dim]`` (the backbone's last hidden state), ``labels`` ``[batch, seq]`` with
+    ``-100`` where nothing is scored. A batch with no label gives a differentiable zero.
+    """
+    shifted = labels[:, 1:].to(hidden.device)
+    mask = shifted != IGNORE_INDEX
+    selected = hidden[:, :-1][mask]
+    targets = shifted[mask]
+    count = mask.sum()
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    n, vocab = targets.numel(), weight.shape[0]
+    if n == 0:
+        return hidden.sum() * 0.0, count
+    if n * vocab <= chunk_logits or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and n * vocab > chunk_logits:
+            step = max(1, chunk_logits // vocab)
+            total = sum(_head_nll(selected[i:i + step], weight, bias, targets[i:i + step], softcap, scale)
+                        for i in range(0, n, step))
+            return total, count
+        return _head_nll(selected, weight, bias, targets, softcap, scale), count
+    from torch.utils.checkpoint import checkpoint
+
+    step = max(1, chunk_logits // vocab)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, step):
+        total = total + checkpoint(_head_nll, selected[i:i + step], weight, bias, targets[i:i + step], softcap,
+                                   scale, use_reentrant=False)
+    return total, count
+
+
+def _logit_transform(config) -> tuple[float | None, float]:
+    """(final logit softcap, logit scale) of a model config (Gemma-2 caps logits; most models do neither)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def add_labelled_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Patch the causal LM under ``model`` (a PEFT model's base model, or the model itself) in place so that a
+    forward with ``labelled_head=True`` returns the loss over labelled positions only; returns ``model``.
+
+    The loss is divided by ``num_items_in_batch`` when given (the Trainer's token count over gradient
+    accumulation), else by the number of scored tokens. Patching twice is harmless.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(target, "_llm_caption_labelled_head", False):
+        return model
+    original = target.forward
+    softcap, scale = _logit_transform(target.config)
+    backbone_name = getattr(target, "base_model_prefix", "model")
+
+    @functools.wraps(type(target).forward)
+    def forward(*args, labelled_head: bool = False, labels=None, num_items_in_batch=None, **kwargs):
+        if not labelled_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if labels is None:
+            raise ValueError("labelled_head=True needs labels")
+        kwargs["use_cache"] = False
+        kwargs.pop("logits_to_keep", None)
+        hidden = getattr(target, backbone_name)(*args, **kwargs).last_hidden_state
+        total, count = labelled_nll(hidden, labels, target.get_output_embeddings(), softcap, scale)
+        denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+        return CausalLMOutputWithPast(loss=total / denominator)
+
+    target.forward = forward
+    target._llm_caption_labelled_head = True
+    return model
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """True for PEFT prompt tuning, P-tuning and prefix tuning (virtual tokens or a prefix cache per sequence)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+class PaddingFreeCollator:
+    """Lay a batch's tokenized conversations (``input_ids``, ``labels``) end to end in one row.
+
+    Returns ``input_ids``, ``labels`` and ``position_ids`` of shape ``[1, total tokens]``; the first label of
+    each conversation is ``-100`` (the token before it belongs to another conversation). No attention mask:
+    transformers derives the block-diagonal causal mask from the restarting position ids.
+    """
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for feature in features:
+            row_ids = list(feature["input_ids"])
+            row_labels = list(feature["labels"])
+            if len(row_ids) != len(row_labels):
+                raise ValueError(f"input_ids ({len(row_ids)}) and labels ({len(row_labels)}) differ in length")
+            if not row_ids:
+                continue
+            ids.extend(row_ids)
+            labels.extend([IGNORE_INDEX, *row_labels[1:]])
+            positions.extend(range(len(row_ids)))
+        return {"input_ids": torch.tensor([ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long)}

@@ -1,0 +1,143 @@
+"""The training loss over labelled positions only (llm/labelled_head.py) computes what the model's own loss
+computes, and padding-free batches give every conversation the loss it gets alone: on SmolLM2 (the packaged
+model) and on a tiny random Gemma-3 (sliding-window and full attention layers, the real 262,144-word vocabulary)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from chat_fixtures import persian_conversations
+from gemma_fixtures import gemma_tokenizer, tiny_gemma_spec  # noqa: F401 (fixtures)
+from llm_caption.llm.chat_format import IGNORE_INDEX, tokenize_conversations
+from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head, labelled_nll
+from llm_caption.llm.models import load_model, train_chat_template
+from llm_fixtures import base_model, model_spec, tokenizer  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# bf16 autocast: the labelled head and the model's own head both project in bf16 (the same products), so the two
+# batch losses differ only by the order of the fp32 reductions; measured ~1e-7 relative, asserted 1e-3.
+BF16_RELATIVE_TOLERANCE = 1e-3
+
+
+def _models(which: str, base_model, tokenizer, model_spec, tiny_gemma_spec, gemma_tokenizer):
+    if which == "smollm2":
+        return copy.deepcopy(base_model), tokenizer, model_spec
+    return load_model(tiny_gemma_spec), gemma_tokenizer, tiny_gemma_spec
+
+
+@pytest.fixture(params=["smollm2", "tiny_gemma3"])
+def model_and_data(request, base_model, tokenizer, model_spec, tiny_gemma_spec, gemma_tokenizer):  # noqa: F811
+    model, tok, spec = _models(request.param, base_model, tokenizer, model_spec, tiny_gemma_spec, gemma_tokenizer)
+    conversations = persian_conversations(40)[10:]
+    data = tokenize_conversations(tok, [(f"c{i}", c) for i, c in enumerate(conversations)],
+                                  train_chat_template(spec), 80)
+    rows = sorted((dict(data[i]) for i in range(len(data))), key=lambda r: -len(r["input_ids"]))[:4]
+    return request.param, model.train(), tok, rows
+
+
+def _padded_batch(rows, pad_id: int):
+    """Right-padded ``input_ids``/``attention_mask``/``labels``; row 2 has no label at all and row 3 only its
+    last token labelled (the edge cases of the gather)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), length), pad_id)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(row["labels"])
+    labels[2] = IGNORE_INDEX
+    last = int(mask[3].sum()) - 1
+    labels[3] = IGNORE_INDEX
+    labels[3, last] = ids[3, last]
+    return ids, mask, labels
+
+
+def _loss_and_grad(model, probe, **inputs):
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), probe.grad.detach().clone()
+
+
+def test_labelled_head_equals_the_full_loss_in_fp32_with_empty_and_last_token_rows(model_and_data):
+    name, model, tok, rows = model_and_data
+    ids, mask, labels = _padded_batch(rows, tok.pad_token_id)
+    assert int((labels[:, 1:] != IGNORE_INDEX).sum()) > 1
+    add_labelled_head(model)
+    probe = model.model.layers[0].mlp.down_proj.weight
+    full, full_grad = _loss_and_grad(model, probe, input_ids=ids, attention_mask=mask, labels=labels)
+    fast, fast_grad = _loss_and_grad(model, probe, input_ids=ids, attention_mask=mask, labels=labels,
+                                     labelled_head=True)
+    assert abs(float(fast) - float(full)) <= 1e-5, (name, float(fast), float(full))
+    assert torch.allclose(fast_grad, full_grad, rtol=1e-4, atol=1e-6), name
+    # A batch with no label at all: a differentiable zero, not an error.
+    nothing = torch.full_like(labels, IGNORE_INDEX)
+    empty = model(input_ids=ids, attention_mask=mask, labels=nothing, labelled_head=True).loss
+    empty.backward()
+    assert float(empty.detach()) == 0.0
+
+
+def test_labelled_head_under_bf16_autocast_is_within_the_stated_tolerance(model_and_data):
+    name, model, tok, rows = model_and_data
+    ids, mask, labels = _padded_batch(rows, tok.pad_token_id)
+    add_labelled_head(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        fast = float(model(input_ids=ids, attention_mask=mask, labels=labels, labelled_head=True).loss)
+    assert abs(fast - full) <= BF16_RELATIVE_TOLERANCE * abs(full), (name, fast, full)
+
+
+def test_chunked_head_equals_one_projection():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    whole, n_whole = labelled_nll(hidden, labels, head)
+    grad_whole = torch.autograd.grad(whole, [hidden, head.weight])
+    chunked, n_chunked = labelled_nll(hidden, labels, head, chunk_logits=3 * 50)  # 3 tokens a chunk
+    grad_chunked = torch.autograd.grad(chunked, [hidden, head.weight])
+    assert int(n_whole) == int(n_chunked) == 13  # shifted: row 0 scores positions 4..8, row 1 all 8
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    for a, b in zip(grad_whole, grad_chunked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_padding_free_batch_gives_each_conversation_its_own_loss(model_and_data):
+    """Conversations laid end to end (position ids restarting, no attention mask) score each conversation as
+    alone: no token sees another conversation (Gemma's 32-token sliding window included)."""
+    name, model, tok, rows = model_and_data
+    add_labelled_head(model)
+    model.eval()
+    packed = PaddingFreeCollator()(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    if name == "tiny_gemma3":
+        assert max(len(r["input_ids"]) for r in rows) > 32  # longer than the sliding window
+    starts = [0]
+    for row in rows:
+        starts.append(starts[-1] + len(row["input_ids"]))
+    with torch.no_grad():
+        for k, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]),
+                          labelled_head=True).loss
+            only_k = torch.full_like(packed["labels"], IGNORE_INDEX)
+            only_k[0, starts[k]:starts[k + 1]] = packed["labels"][0, starts[k]:starts[k + 1]]
+            inside = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=only_k,
+                           labelled_head=True).loss
+            assert abs(float(inside) - float(alone)) <= 1e-5, (name, k, float(inside), float(alone))
+
+
+def test_padding_free_collator_starts_every_conversation_unlabelled_and_rejects_ragged_rows():
+    batch = PaddingFreeCollator()([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                                   {"input_ids": [8, 9], "labels": [-100, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="differ in length"):
+        PaddingFreeCollator()([{"input_ids": [1, 2], "labels": [1]}])
