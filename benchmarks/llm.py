@@ -1,8 +1,10 @@
 """LLM fine-tuning throughput: the project's ``lora`` method vs plain Trainer + PEFT (peer A) vs TRL defaults (peer B).
 
-All three start from the same de-quantised SmolLM2 weights, the same LoRA initialisation (same seed), the
-same tokenized conversations and labels (``chat_format.tokenize_conversations``: assistant tokens only) and
-the same optimiser settings (the ``lora`` method's training block of ``parameters_llm_finetuning.yml``).
+One row per model: SmolLM2-135M-Instruct (the default run's settings, ``conf/base``) and Gemma-3-270m (the
+Persian study's LoRA learning rate, ``conf/persian_study``). On each, all three paths start from the same
+de-quantised weights, the same LoRA initialisation (same seed), the same tokenized conversations and labels
+(``chat_format.tokenize_conversations``: assistant tokens only), the same batches in the same order and the
+same optimiser settings (the ``lora`` method's training block).
 
 * project: ``methods.build_method`` + ``training.train_method``, exactly as ``llm_finetuning`` runs them;
 * peer A: ``peft.get_peft_model`` + ``transformers.Trainer`` + ``DataCollatorForSeq2Seq`` (pads the
@@ -12,7 +14,8 @@ the same optimiser settings (the ``lora`` method's training block of ``parameter
 Tokens are counted here, not by the trainers: a forward pre-hook on the model sums ``attention_mask`` of
 every training forward (non-padding tokens). Step times are the intervals between consecutive step ends
 (data loading, collation, forward, backward, optimiser step and per-step logging included); the first step
-(warm-up) is left out.
+(warm-up) is left out. ``whole_s`` is the wall time of the whole training call as a user feels it: building the
+LoRA model, constructing the trainer, every step, and the final evaluation.
 """
 
 from __future__ import annotations
@@ -92,25 +95,50 @@ def persian_conversations() -> list[tuple[str, list[dict[str, str]]]]:
     return conversations
 
 
-def _params() -> dict[str, Any]:
+# The models of the benchmark and the environment whose LoRA learning rate each trains with.
+MODELS = {"smollm2_135m_instruct": "base", "gemma3_270m": "persian_study"}
+
+
+def _params(model: str | None = None, env: str = "base") -> dict[str, Any]:
+    """Spec of ``model`` (default: conf/base's ``llm_model``), seed, and conf/base's llm_finetuning block with the
+    ``lora`` method's training settings of environment ``env`` on top."""
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "base"
-    shared = yaml.safe_load((conf / "parameters.yml").read_text(encoding="utf-8"))
-    llm = yaml.safe_load((conf / "parameters_llm_finetuning.yml").read_text(encoding="utf-8"))["llm_finetuning"]
-    return {"spec": shared["llm_models"][shared["llm_model"]], "seed": int(shared["seed"]), "llm": llm}
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    shared = yaml.safe_load((conf / "base" / "parameters.yml").read_text(encoding="utf-8"))
+    llm = yaml.safe_load((conf / "base" / "parameters_llm_finetuning.yml").read_text(encoding="utf-8"))["llm_finetuning"]
+    override = conf / env / "parameters_llm_finetuning.yml"
+    if env != "base" and override.is_file():
+        lora = ((yaml.safe_load(override.read_text(encoding="utf-8")).get("llm_finetuning") or {})
+                .get("methods", {}).get("lora", {}))
+        llm["methods"]["lora"]["training"] = {**llm["methods"]["lora"].get("training", {}), **lora.get("training", {})}
+    return {"spec": shared["llm_models"][model or shared["llm_model"]], "seed": int(shared["seed"]), "llm": llm}
 
 
-def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_train: int = 160,
-        n_eval: int = 16, paths: tuple[str, ...] = ("project", "peer_a", "peer_b")) -> dict[str, Any]:
-    """Train each path ``reps`` times (alternating) for ``steps`` steps; their figures, side by side."""
+def tiny_random_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``--tiny`` runs of Gemma-3: a tiny randomly initialised Gemma-3 with the real tokenizer (the harness on
+    Gemma's shapes and 262,144-word vocabulary without its 268M parameters), saved to ``directory``; its spec."""
+    from llm_caption.llm.models import load_tokenizer, write_tiny_gemma3
+
+    return write_tiny_gemma3(directory, load_tokenizer(spec), spec)
+
+
+def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_train: int = 160,
+        n_eval: int = 16, paths: tuple[str, ...] = ("project", "peer_a", "peer_b"), model: str | None = None,
+        tiny_model: bool = False) -> dict[str, Any]:
+    """Train each path ``reps`` times (alternating) for ``steps`` steps on ``model`` (a name of ``MODELS``; default
+    conf/base's ``llm_model``); their figures, side by side. ``tiny_model``: a tiny random model of the same
+    architecture and tokenizer instead of the real weights (checks the harness only)."""
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.methods import MethodContext, build_method
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
     from llm_caption.llm.training import cpu_supports_bf16, peak_memory_mb, train_method
 
-    params = _params()
+    params = _params(model, MODELS.get(model or "", "base"))
     spec, seed, cfg = params["spec"], params["seed"], params["llm"]
+    tmp = Path(tempfile.mkdtemp(prefix="llm_caption_bench_llm_"))
+    if tiny_model:
+        spec = tiny_random_spec(spec, tmp / "tiny_model")
     method_cfg = dict(cfg["methods"]["lora"])
     training = {**cfg["training"], **(method_cfg.get("training") or {})}
     training.update(max_steps=steps, per_device_train_batch_size=batch, eval_steps=steps, save_steps=10**9,
@@ -132,20 +160,23 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
                        data_seed=seed, bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to="none",
                        save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0,
                        disable_tqdm=True)
-    tmp = Path(tempfile.mkdtemp(prefix="llm_caption_bench_llm_"))
 
-    def finish(train_losses: list[float], clock, memory, eval_loss: float) -> dict[str, float]:
-        return {**clock.figures(), "peak_rss_mb": memory["peak"], "extra_rss_mb": memory["peak"] - memory["start"],
+    def finish(train_losses: list[float], clock, memory, eval_loss: float, whole_s: float) -> dict[str, float]:
+        return {**clock.figures(), "whole_s": whole_s, "peak_rss_mb": memory["peak"],
+                "extra_rss_mb": memory["peak"] - memory["start"],
+                "first_train_loss": float(train_losses[0]) if train_losses else float("nan"),
                 "train_loss": float(train_losses[-1]) if train_losses else float("nan"), "eval_loss": float(eval_loss)}
 
     def project(rep: int) -> dict[str, float]:
         clock = step_clock()
         with peak_memory_mb(interval_s=0.02) as memory:
+            start = time.perf_counter()
             model = build_method(copy.deepcopy(base), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
             result = train_method(model, tokenizer, train_ds, eval_ds, training, tmp / f"project-{rep}", seed,
                                   callbacks=[clock])
+            whole = time.perf_counter() - start
         train_losses = [r["loss"] for r in result.loss_history if r["split"] == "train"]
-        return finish(train_losses, clock, memory, result.eval_loss)
+        return finish(train_losses, clock, memory, result.eval_loss, whole)
 
     def peer_a(rep: int) -> dict[str, float]:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -153,6 +184,7 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
 
         clock = step_clock()
         with peak_memory_mb(interval_s=0.02) as memory:
+            start = time.perf_counter()
             set_seed(seed)
             model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, **lora_options))
             args = TrainingArguments(output_dir=str(tmp / f"peer_a-{rep}"), **shared_args)
@@ -160,8 +192,9 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
             trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                               data_collator=collator, callbacks=[clock])
             trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"]
-        return finish([e["loss"] for e in trainer.state.log_history if "loss" in e], clock, memory, eval_loss)
+            eval_loss = trainer.evaluate()["eval_loss"]
+            whole = time.perf_counter() - start
+        return finish([e["loss"] for e in trainer.state.log_history if "loss" in e], clock, memory, eval_loss, whole)
 
     def peer_b(rep: int) -> dict[str, float]:
         from peft import LoraConfig, TaskType
@@ -170,19 +203,22 @@ def run(steps: int = 20, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
 
         clock = step_clock()
         with peak_memory_mb(interval_s=0.02) as memory:
+            start = time.perf_counter()
             set_seed(seed)
             args = SFTConfig(output_dir=str(tmp / f"peer_b-{rep}"), **shared_args)
             trainer = SFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, callbacks=[clock],
                                  peft_config=LoraConfig(task_type=TaskType.CAUSAL_LM, **lora_options))
             trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"]
-        return finish([e["loss"] for e in trainer.state.log_history if "loss" in e], clock, memory, eval_loss)
+            eval_loss = trainer.evaluate()["eval_loss"]
+            whole = time.perf_counter() - start
+        return finish([e["loss"] for e in trainer.state.log_history if "loss" in e], clock, memory, eval_loss, whole)
 
     sides = {"project": project, "peer_a": peer_a, "peer_b": peer_b}
     raw = alternate({name: sides[name] for name in paths}, reps)
     flops_per_token = model_flops_per_token(base, tokenizer, train_ds, batch, lora_options, seed, bf16)
-    out: dict[str, Any] = {"settings": {"steps": steps, "reps": reps, "batch": batch, "seq_len": seq_len,
+    out: dict[str, Any] = {"settings": {"model": model or "default", "tiny_model": tiny_model,
+                                        "learning_rate_env": MODELS.get(model or "", "base"), "steps": steps, "reps": reps, "batch": batch, "seq_len": seq_len,
                                         "bf16_autocast": bf16, "n_train": len(train_ds), "n_eval": len(eval_ds),
                                         "learning_rate": shared_args["learning_rate"],
                                         "threads": torch.get_num_threads()},

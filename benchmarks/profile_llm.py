@@ -1,14 +1,15 @@
 """Where a LoRA training step's time goes: the same batch through each loss path, forward + backward, alternating.
 
-    python -m benchmarks.profile_llm [--reps 6] [--batch 4] [--seq-len 96] [--profile]
+    python -m benchmarks.profile_llm [--reps 6] [--batch 4] [--seq-len 96] [--model gemma3_270m] [--profile]
 
 Paths (same LoRA model, same batch, bf16 autocast when the CPU has native bf16):
 
 * ``plain``: the model's own loss (LM head over every position, under autocast), as Trainer + PEFT runs it;
 * ``trl_fused``: TRL's fused, chunked LM head over every position (its default off CUDA);
-* ``project``: TRL's fused head over labelled positions only (``training.labelled_positions_only``), with the
-  per-token extras SFTTrainer asks for (entropy, top-1), as ``train_method`` runs it;
-* ``project_logprobs_only``: the same without entropy and top-1 (the loss and gradients do not change).
+* ``project_padded``: the project's head (``labelled_head``: labelled positions only, projected under the same
+  autocast, cross-entropy in fp32) on the padded batch;
+* ``project``: the same on the batch laid out padding-free (``labelled_head.PaddingFreeCollator``), as
+  ``train_method`` runs LoRA.
 
 ``--profile`` adds a ``torch.profiler`` table (self CPU time by operator) for ``plain`` and ``project``.
 """
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--model", default=None, choices=["smollm2_135m_instruct", "gemma3_270m"],
+                        help="default: conf/base's llm_model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -40,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
-    from llm_caption.llm.training import cpu_supports_bf16, labelled_positions_only
+    from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head
+    from llm_caption.llm.training import cpu_supports_bf16
 
-    from .llm import _params, persian_conversations
+    from .llm import MODELS, _params, persian_conversations
 
-    params = _params()
+    params = _params(args.model, MODELS.get(args.model or "", "base"))
     spec, seed, cfg = params["spec"], params["seed"], params["llm"]
     tokenizer = load_tokenizer(spec)
     conversations = persian_conversations()
@@ -52,22 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     data = tokenize_conversations(tokenizer, conversations[: 4 * args.batch], train_chat_template(spec), args.seq_len)
     inputs = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(
         [data[i] for i in range(args.batch)])
+    packed = PaddingFreeCollator()([data[i] for i in range(args.batch)])
     bf16 = cpu_supports_bf16()
     base = load_model(spec, quantization={})
     options = dict(cfg["methods"]["lora"]["options"])
 
-    def lora(fused_outputs: tuple[str, ...] | None):
+    def lora(fused_outputs: tuple[str, ...] | None, labelled: bool = False):
         set_seed(seed)
         model = copy.deepcopy(base)
         if fused_outputs is not None:
             add_fused_lm_head(model, outputs=fused_outputs)
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **options))
+        if labelled:
+            add_labelled_head(model)
         model.train()
         return model
 
     models = {"plain": lora(None), "trl_fused": lora(("log_probs", "entropy", "is_top1")),
-              "project": lora(("log_probs", "entropy", "is_top1")),
-              "project_logprobs_only": lora(("log_probs",))}
+              "project_padded": lora(None, labelled=True), "project": lora(None, labelled=True)}
 
     def step(name: str) -> float:
         model = models[name]
@@ -77,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 loss = model(**inputs, num_items_in_batch=(inputs["labels"][:, 1:] != -100).sum()).loss
             elif name == "trl_fused":
                 loss = model(**inputs, fused_lm_head=True, use_cache=False).loss
+            elif name == "project_padded":
+                loss = model(**inputs, labelled_head=True, use_cache=False).loss
             else:
-                with labelled_positions_only():
-                    loss = model(**inputs, fused_lm_head=True, use_cache=False).loss
+                loss = model(**packed, labelled_head=True, use_cache=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start, float(loss)
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("plain", "project"):
+        for name in ("plain", "trl_fused", "project"):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(name)
             print(f"\n== {name} ==")

@@ -14,7 +14,7 @@ from gemma_fixtures import gemma_tokenizer, tiny_gemma_spec  # noqa: F401 (fixtu
 from llm_caption.llm.chat_format import IGNORE_INDEX, tokenize_conversations
 from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head, labelled_nll
 from llm_caption.llm.models import load_model, train_chat_template
-from llm_fixtures import base_model, model_spec, tokenizer  # noqa: F401 (fixtures)
+from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,3 +141,21 @@ def test_padding_free_collator_starts_every_conversation_unlabelled_and_rejects_
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     with pytest.raises(ValueError, match="differ in length"):
         PaddingFreeCollator()([{"input_ids": [1, 2], "labels": [1]}])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "loha"])
+def test_labelled_head_through_peft_methods_equals_their_own_loss(method, model_and_data, finetuning_cfg):
+    """PEFT's prompt learning prefixes virtual tokens (their labels -100) or a key/value cache; LoHa wraps the
+    layers: the flag passes through each wrapper and the loss is the model's own (fp32)."""
+    from llm_caption.llm.experiment import method_settings
+    from llm_caption.llm.methods import MethodContext, build_method
+
+    name, model, tok, rows = model_and_data
+    method_cfg, _ = method_settings(finetuning_cfg, method)
+    peft_model = build_method(model, method_cfg, MethodContext(tokenizer=tok, seed=0))
+    add_labelled_head(peft_model)
+    ids, mask, labels = _padded_batch(rows, tok.pad_token_id)
+    with torch.no_grad():
+        full = float(peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        fast = float(peft_model(input_ids=ids, attention_mask=mask, labels=labels, labelled_head=True).loss)
+    assert abs(fast - full) <= 1e-5, (name, method, fast, full)

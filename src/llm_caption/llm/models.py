@@ -274,3 +274,21 @@ def load_model(spec: Mapping[str, Any], quantization: Mapping[str, Any] | None =
     if quant:
         kwargs["quantization_config"] = _bnb_config(quant)
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False, **kwargs)
+
+
+def write_tiny_gemma3(directory: str | Path, tokenizer, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Save a tiny randomly initialised Gemma-3 (2 layers: sliding-window and full attention, one key/value head,
+    hidden size 64, the full 262,144-word vocabulary) with ``tokenizer`` to ``directory``; returns ``spec`` made
+    to load it (``source: local``). For tests and the benchmark harness's tiny runs, never for answers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    tiny = {k: v for k, v in spec.items() if k not in ("package", "gguf_file")}
+    tiny.update(source="local", model_id=str(directory))
+    return tiny

@@ -62,7 +62,11 @@ def assistant_characters(tokenizer, labels: Sequence[int]) -> int:
 
 def score_characters(model, tokenizer, dataset) -> CharacterScore:
     """Summed assistant-token loss of ``model`` over the tokenized conversations of ``dataset`` (rows with
-    ``input_ids`` and ``labels``), one conversation per forward pass (no padding), in the model's dtype."""
+    ``input_ids`` and ``labels``), one conversation per forward pass (no padding), in the model's dtype, the output
+    layer applied to the scored positions only (:mod:`.labelled_head`; the same loss as the full projection)."""
+    from .labelled_head import add_labelled_head
+
+    add_labelled_head(model)
     was_training = model.training
     model.eval()
     nats, tokens, characters = 0.0, 0, 0
@@ -75,7 +79,7 @@ def score_characters(model, tokenizer, dataset) -> CharacterScore:
                 n_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the causal shift drops position 0
                 if n_scored == 0:
                     continue
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, labelled_head=True)
                 nats += float(out.loss) * n_scored
                 tokens += n_scored
                 characters += assistant_characters(tokenizer, row["labels"][1:])
