@@ -12,7 +12,9 @@ same optimiser settings (the ``lora`` method's training block).
 * peer B: ``trl.SFTTrainer(peft_config=...)`` with TRL's defaults (gradient checkpointing on, fp32 LM head).
 
 Tokens are counted here, not by the trainers: a forward pre-hook on the model sums ``attention_mask`` of
-every training forward (non-padding tokens). Step times are the intervals between consecutive step ends
+every training forward (non-padding tokens; all of ``input_ids`` for a padding-free row). tokens/s is the
+tokens of the training conversations per second, the same batches on every path (the peers' count); the
+project's forward leaves out each conversation's tokens after its last label, which no loss depends on. Step times are the intervals between consecutive step ends
 (data loading, collation, forward, backward, optimiser step and per-step logging included); the first step
 (warm-up) is left out. ``whole_s`` is the wall time of the whole training call as a user feels it: building the
 LoRA model, constructing the trainer, every step, and the final evaluation.
@@ -66,12 +68,10 @@ def step_clock():
                 self._handle.remove()
 
         def figures(self) -> dict[str, float]:
-            """s/step and tokens/s over steps 2..N (step 1 warms up), total tokens over all steps."""
+            """s/step over steps 2..N (step 1 warms up), their seconds and forward tokens, and all steps' tokens."""
             intervals = [b - a for a, b in zip(self.ends[1:-1], self.ends[2:])]
-            tokens = sum(self.tokens[1:])
-            seconds = sum(intervals)
             return {"s_per_step": sorted(intervals)[len(intervals) // 2] if intervals else float("nan"),
-                    "tokens_per_s": tokens / seconds if seconds else float("nan"),
+                    "steady_s": sum(intervals), "steady_tokens": float(sum(self.tokens[1:])),
                     "tokens_total": float(sum(self.tokens))}
 
     return StepClock()
@@ -216,6 +216,15 @@ def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
 
     sides = {"project": project, "peer_a": peer_a, "peer_b": peer_b}
     raw = alternate({name: sides[name] for name in paths}, reps)
+    # tokens/s counts the tokens of the training conversations each path consumed: the same batches on every
+    # path, so the peers' forward count (every non-padding token) stands for all; the project's forward leaves
+    # out the tokens after a conversation's last label (``forward_tokens_per_s``).
+    reference = raw.get("peer_a") or raw.get("peer_b")
+    for name, results in raw.items():
+        for rep, r in enumerate(results):
+            data_tokens = reference[rep]["steady_tokens"] if reference else r["steady_tokens"]
+            r["tokens_per_s"] = data_tokens / r["steady_s"] if r["steady_s"] else float("nan")
+            r["forward_tokens_per_s"] = r["steady_tokens"] / r["steady_s"] if r["steady_s"] else float("nan")
     flops_per_token = model_flops_per_token(base, tokenizer, train_ds, batch, lora_options, seed, bf16)
     out: dict[str, Any] = {"settings": {"model": model or "default", "tiny_model": tiny_model,
                                         "learning_rate_env": MODELS.get(model or "", "base"), "steps": steps, "reps": reps, "batch": batch, "seq_len": seq_len,

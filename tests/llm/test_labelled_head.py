@@ -12,7 +12,8 @@ import torch
 from chat_fixtures import persian_conversations
 from gemma_fixtures import gemma_tokenizer, tiny_gemma_spec  # noqa: F401 (fixtures)
 from llm_caption.llm.chat_format import IGNORE_INDEX, tokenize_conversations
-from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head, labelled_nll
+from llm_caption.llm.labelled_head import (PaddingFreeCollator, TailTrimmingCollator, add_labelled_head, labelled_nll,
+                                           trim_unlabelled_tail)
 from llm_caption.llm.models import load_model, train_chat_template
 from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
@@ -115,13 +116,19 @@ def test_padding_free_batch_gives_each_conversation_its_own_loss(model_and_data)
     name, model, tok, rows = model_and_data
     add_labelled_head(model)
     model.eval()
-    packed = PaddingFreeCollator()(rows)
-    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     if name == "tiny_gemma3":
         assert max(len(r["input_ids"]) for r in rows) > 32  # longer than the sliding window
+    # Conversation 0 gets a trailing user turn (unlabelled tokens after its answer): the collator drops it, and
+    # the loss is still that of the whole row.
+    rows = [dict(r) for r in rows]
+    tail = rows[0]["input_ids"][:12]
+    rows[0] = {"input_ids": rows[0]["input_ids"] + tail, "labels": rows[0]["labels"] + [IGNORE_INDEX] * len(tail)}
+    packed = PaddingFreeCollator()(rows)
+    assert packed["input_ids"].shape == (1, sum(len(trim_unlabelled_tail(r)["input_ids"]) for r in rows))
+    assert len(trim_unlabelled_tail(rows[0])["input_ids"]) <= len(rows[0]["input_ids"]) - len(tail)
     starts = [0]
     for row in rows:
-        starts.append(starts[-1] + len(row["input_ids"]))
+        starts.append(starts[-1] + len(trim_unlabelled_tail(row)["input_ids"]))
     with torch.no_grad():
         for k, row in enumerate(rows):
             alone = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]),
@@ -133,12 +140,16 @@ def test_padding_free_batch_gives_each_conversation_its_own_loss(model_and_data)
             assert abs(float(inside) - float(alone)) <= 1e-5, (name, k, float(inside), float(alone))
 
 
-def test_padding_free_collator_starts_every_conversation_unlabelled_and_rejects_ragged_rows():
+def test_padding_free_collator_starts_every_conversation_unlabelled_trims_tails_and_rejects_ragged_rows():
     batch = PaddingFreeCollator()([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
-                                   {"input_ids": [8, 9], "labels": [-100, 9]}])
+                                   {"input_ids": [8, 9, 4, 4], "labels": [-100, 9, -100, -100]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert trim_unlabelled_tail({"input_ids": [1, 2, 3], "labels": [-100, -100, -100]})["input_ids"] == [1, 2, 3]
+    padded = TailTrimmingCollator(lambda features: features)([{"input_ids": [1, 2, 3], "labels": [-100, 2, -100],
+                                                               "extra": 7}])
+    assert padded == [{"input_ids": [1, 2], "labels": [-100, 2], "extra": 7}]
     with pytest.raises(ValueError, match="differ in length"):
         PaddingFreeCollator()([{"input_ids": [1, 2], "labels": [1]}])
 

@@ -84,16 +84,20 @@ def labelled_head_trainer(padding_free: bool):
     """An ``SFTTrainer`` subclass whose loss is :mod:`.labelled_head`'s: the output layer over labelled positions
     only, under the Trainer's autocast, cross-entropy in fp32; nothing else computed per step (TRL's per-step
     entropy and token accuracy over the logits are not). ``padding_free``: batches without padding
-    (:class:`.labelled_head.PaddingFreeCollator`) for every method but prompt learning."""
+    (:class:`.labelled_head.PaddingFreeCollator`) for every method but prompt learning. Every batch leaves out the
+    tokens after a conversation's last labelled token (they change no scored position)."""
     from trl import SFTTrainer
 
-    from .labelled_head import PaddingFreeCollator, add_labelled_head, is_prompt_learning
+    from .labelled_head import PaddingFreeCollator, TailTrimmingCollator, add_labelled_head, is_prompt_learning
 
     class LabelledHeadTrainer(SFTTrainer):
         def __init__(self, model, *args, **kwargs):
-            if padding_free and not is_prompt_learning(model):
+            packed = padding_free and not is_prompt_learning(model)
+            if packed:
                 kwargs.setdefault("data_collator", PaddingFreeCollator())
             super().__init__(model, *args, **kwargs)
+            if not packed:  # TRL's padding collator, on rows cut after their last labelled token
+                self.data_collator = TailTrimmingCollator(self.data_collator)
             add_labelled_head(self.model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
