@@ -112,3 +112,20 @@ def test_final_eval_loss_is_the_eval_of_the_trained_weights(base_model, tokenize
     model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=0))
     again = train_method(model, tokenizer, train, evaluation, settings, tmp_path / "b", seed=42)
     assert again.eval_loss == result.eval_loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["base", "layer_freeze"])
+def test_methods_without_a_peft_wrapper_train_and_evaluate_under_bf16_autocast(method, base_model, tokenizer,
+                                                                              model_spec, finetuning_cfg, tmp_path):
+    """``base`` (evaluation only) and ``layer_freeze`` are the model itself, whose forward accelerate wraps in
+    autocast when bf16 is on: the labelled head's patched forward must survive that wrapping."""
+    conversations = persian_conversations(14)[10:]
+    template = train_chat_template(model_spec)
+    data = tokenize_conversations(tokenizer, [(f"t{i}", c) for i, c in enumerate(conversations)], template, 64)
+    method_cfg, training = method_settings(finetuning_cfg, method)
+    model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=0))
+    settings = {**training, "max_steps": 1, "warmup_steps": 0, "per_device_train_batch_size": 2, "eval_steps": 1,
+                "save_strategy": "no", "resume": False, "bf16": True}
+    result = train_method(model, tokenizer, data, data, settings, tmp_path, seed=42, train=method != "base")
+    assert 0 < result.eval_loss < 20

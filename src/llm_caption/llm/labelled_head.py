@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -109,8 +110,9 @@ def add_labelled_head(model: torch.nn.Module) -> torch.nn.Module:
     softcap, scale = _logit_transform(target.config)
     backbone_name = getattr(target, "base_model_prefix", "model")
 
+    # A bound method, like the forward it replaces: accelerate's autocast wrapper rebinds ``forward.__func__``.
     @functools.wraps(type(target).forward)
-    def forward(*args, labelled_head: bool = False, labels=None, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, labelled_head: bool = False, labels=None, num_items_in_batch=None, **kwargs):
         if not labelled_head:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -123,12 +125,12 @@ def add_labelled_head(model: torch.nn.Module) -> torch.nn.Module:
             raise ValueError("labelled_head=True needs labels")
         kwargs["use_cache"] = False
         kwargs.pop("logits_to_keep", None)
-        hidden = getattr(target, backbone_name)(*args, **kwargs).last_hidden_state
-        total, count = labelled_nll(hidden, labels, target.get_output_embeddings(), softcap, scale)
+        hidden = getattr(self, backbone_name)(*args, **kwargs).last_hidden_state
+        total, count = labelled_nll(hidden, labels, self.get_output_embeddings(), softcap, scale)
         denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
         return CausalLMOutputWithPast(loss=total / denominator)
 
-    target.forward = forward
+    target.forward = types.MethodType(forward, target)
     target._llm_caption_labelled_head = True
     return model
 
