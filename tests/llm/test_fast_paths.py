@@ -16,6 +16,7 @@ from llm_caption.llm.generation import generate_answers, generation_model
 from llm_caption.llm.methods import MethodContext, build_method
 from llm_caption.llm.models import train_chat_template
 from llm_caption.llm import training as training_module
+from llm_caption.llm.scoring import score_characters
 from llm_caption.llm.training import train_method
 from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
@@ -129,3 +130,5 @@ def test_methods_without_a_peft_wrapper_train_and_evaluate_under_bf16_autocast(m
                 "save_strategy": "no", "resume": False, "bf16": True}
     result = train_method(model, tokenizer, data, data, settings, tmp_path, seed=42, train=method != "base")
     assert 0 < result.eval_loss < 20
+    # Scoring after training (the model unwrapped from autocast) goes through the same patched forward.
+    assert 0 < score_characters(model, tokenizer, data).bits_per_character < 20
