@@ -108,6 +108,8 @@ def test_chunked_head_equals_one_projection():
     assert torch.allclose(whole, chunked, atol=1e-5)
     for a, b in zip(grad_whole, grad_chunked, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():  # evaluation: chunks without recomputation
+        assert torch.allclose(labelled_nll(hidden, labels, head, chunk_logits=3 * 50)[0], whole, atol=1e-5)
 
 
 def test_padding_free_batch_gives_each_conversation_its_own_loss(model_and_data):

@@ -68,23 +68,19 @@ def labelled_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.M
     targets = shifted[mask]
     count = mask.sum()
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    n, vocab = targets.numel(), weight.shape[0]
+    n, step = targets.numel(), max(1, chunk_logits // weight.shape[0])
     if n == 0:
         return hidden.sum() * 0.0, count
-    if n * vocab <= chunk_logits or not torch.is_grad_enabled():
-        if not torch.is_grad_enabled() and n * vocab > chunk_logits:
-            step = max(1, chunk_logits // vocab)
-            total = sum(_head_nll(selected[i:i + step], weight, bias, targets[i:i + step], softcap, scale)
-                        for i in range(0, n, step))
-            return total, count
+    if n <= step:
         return _head_nll(selected, weight, bias, targets, softcap, scale), count
+    chunks = [(selected[i:i + step], targets[i:i + step]) for i in range(0, n, step)]
+    if not torch.is_grad_enabled():
+        return sum(_head_nll(h, weight, bias, t, softcap, scale) for h, t in chunks), count
     from torch.utils.checkpoint import checkpoint
 
-    step = max(1, chunk_logits // vocab)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, step):
-        total = total + checkpoint(_head_nll, selected[i:i + step], weight, bias, targets[i:i + step], softcap,
-                                   scale, use_reentrant=False)
+    for h, t in chunks:
+        total = total + checkpoint(_head_nll, h, weight, bias, t, softcap, scale, use_reentrant=False)
     return total, count
 
 
