@@ -25,6 +25,7 @@ def main(setup_path: str) -> None:
     from llm_caption import distributed
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.experiment import method_settings
+    from llm_caption.llm.labelled_head import trim_unlabelled_tail
     from llm_caption.llm.methods import MethodContext, build_method
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
     from llm_caption.llm.training import train_method
@@ -40,16 +41,24 @@ def main(setup_path: str) -> None:
     template = train_chat_template(spec)
     train = tokenize_conversations(tokenizer, conversations[:-2], template, 48)
     evaluation = tokenize_conversations(tokenizer, conversations[-2:], template, 48)
-    row_of = {tuple(ids): i for i, ids in enumerate(train["input_ids"])}
+    # Rows as the collator hands them to the model: each conversation cut after its last labelled token.
+    row_of = {tuple(trim_unlabelled_tail(train[i])["input_ids"]): i for i in range(len(train))}
     model = build_method(load_model(spec, quantization={}), method_cfg, MethodContext(tokenizer=tokenizer, seed=7))
 
     seen: list[list[int]] = []
     original = SFTTrainer.training_step
 
     def training_step(self, model_, inputs, *args, **kwargs):
-        """Note which train rows this step's batch holds on this rank (padding stripped by the attention mask)."""
-        rows = [row_of.get(tuple(ids[mask.bool()].tolist()), -1)
-                for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+        """Note which train rows this step's batch holds on this rank: the conversations of a padding-free row
+        (split where the position ids restart), or the rows of a padded batch (padding stripped by the mask)."""
+        if "attention_mask" in inputs:
+            pieces = [ids[mask.bool()].tolist()
+                      for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+        else:
+            ids, positions = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+            starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+            pieces = [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        rows = [row_of.get(tuple(piece), -1) for piece in pieces]
         seen.append(sorted(rows))
         return original(self, model_, inputs, *args, **kwargs)
 
