@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
+from .llm import MODELS  # noqa: E402 (after the offline settings)
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "full": {"llm": dict(steps=40, reps=2, batch=4, seq_len=96, n_train=160, n_eval=16),
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
     parser.add_argument("--skip", nargs="*", default=[], choices=["llm", "caption"], help="benchmarks to leave out")
     parser.add_argument("--llm-steps", type=int, default=None, help="training steps per LLM run (default 40)")
-    parser.add_argument("--llm-models", nargs="*", default=None, choices=["smollm2_135m_instruct", "gemma3_270m"],
+    parser.add_argument("--llm-models", nargs="*", default=None, choices=list(MODELS),
                         help="LLM benchmark models (default both)")
     parser.add_argument("--reps", type=int, default=None, help="alternating repetitions of every side (default 2)")
     return parser.parse_args(argv)

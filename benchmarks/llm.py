@@ -99,11 +99,12 @@ def persian_conversations() -> list[tuple[str, list[dict[str, str]]]]:
 MODELS = {"smollm2_135m_instruct": "base", "gemma3_270m": "persian_study"}
 
 
-def _params(model: str | None = None, env: str = "base") -> dict[str, Any]:
+def _params(model: str | None = None) -> dict[str, Any]:
     """Spec of ``model`` (default: conf/base's ``llm_model``), seed, and conf/base's llm_finetuning block with the
-    ``lora`` method's training settings of environment ``env`` on top."""
+    ``lora`` method's training settings of the model's environment (``MODELS``) on top."""
     import yaml
 
+    env = MODELS.get(model or "", "base")
     conf = Path(__file__).resolve().parents[1] / "conf"
     shared = yaml.safe_load((conf / "base" / "parameters.yml").read_text(encoding="utf-8"))
     llm = yaml.safe_load((conf / "base" / "parameters_llm_finetuning.yml").read_text(encoding="utf-8"))["llm_finetuning"]
@@ -113,14 +114,6 @@ def _params(model: str | None = None, env: str = "base") -> dict[str, Any]:
                 .get("methods", {}).get("lora", {}))
         llm["methods"]["lora"]["training"] = {**llm["methods"]["lora"].get("training", {}), **lora.get("training", {})}
     return {"spec": shared["llm_models"][model or shared["llm_model"]], "seed": int(shared["seed"]), "llm": llm}
-
-
-def tiny_random_spec(spec: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """``--tiny`` runs of Gemma-3: a tiny randomly initialised Gemma-3 with the real tokenizer (the harness on
-    Gemma's shapes and 262,144-word vocabulary without its 268M parameters), saved to ``directory``; its spec."""
-    from llm_caption.llm.models import load_tokenizer, write_tiny_gemma3
-
-    return write_tiny_gemma3(directory, load_tokenizer(spec), spec)
 
 
 def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_train: int = 160,
@@ -134,11 +127,13 @@ def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
     from llm_caption.llm.training import cpu_supports_bf16, peak_memory_mb, train_method
 
-    params = _params(model, MODELS.get(model or "", "base"))
+    params = _params(model)
     spec, seed, cfg = params["spec"], params["seed"], params["llm"]
     tmp = Path(tempfile.mkdtemp(prefix="llm_caption_bench_llm_"))
-    if tiny_model:
-        spec = tiny_random_spec(spec, tmp / "tiny_model")
+    if tiny_model:  # the harness on Gemma-3's shapes and vocabulary, without its 268M parameters
+        from llm_caption.llm.models import load_tokenizer, write_tiny_gemma3
+
+        spec = write_tiny_gemma3(tmp / "tiny_model", load_tokenizer(spec), spec)
     method_cfg = dict(cfg["methods"]["lora"])
     training = {**cfg["training"], **(method_cfg.get("training") or {})}
     training.update(max_steps=steps, per_device_train_batch_size=batch, eval_steps=steps, save_steps=10**9,

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from .llm import MODELS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_llm")
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--model", default=None, choices=["smollm2_135m_instruct", "gemma3_270m"],
+    parser.add_argument("--model", default=None, choices=list(MODELS),
                         help="default: conf/base's llm_model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head
     from llm_caption.llm.training import cpu_supports_bf16
 
-    from .llm import MODELS, _params, persian_conversations
+    from .llm import _params, persian_conversations
 
-    params = _params(args.model, MODELS.get(args.model or "", "base"))
+    params = _params(args.model)
     spec, seed, cfg = params["spec"], params["seed"], params["llm"]
     tokenizer = load_tokenizer(spec)
     conversations = persian_conversations()
