@@ -1,4 +1,5 @@
-"""Shared real assets for the LLM tests: the packaged SmolLM2 tokenizer and model, loaded once per session.
+"""Shared real assets for the LLM tests: the packaged SmolLM2 tokenizer and model (conf/smoke's model), loaded
+once per session.
 
 Test modules import these fixtures by name (``from llm_fixtures import base_model, ...``); the
 loaders are cached, so the GGUF file is read once however many modules use them.
@@ -17,8 +18,8 @@ from chat_fixtures import load_conf
 
 @functools.cache
 def _model_spec() -> dict:
-    params = load_conf("conf/base/parameters.yml")
-    return params["llm_models"][params["llm_model"]]
+    """The fast model of the tests (conf/smoke's ``llm_model``: SmolLM2-135M-Instruct)."""
+    return load_conf("conf/base/parameters.yml")["llm_models"][load_conf("conf/smoke/parameters.yml")["llm_model"]]
 
 
 @functools.cache

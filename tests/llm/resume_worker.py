@@ -20,7 +20,7 @@ def main(output_dir: str) -> None:
     from resume_setup import run_training
 
     params = load_conf("conf/base/parameters.yml")
-    spec = params["llm_models"][params["llm_model"]]
+    spec = params["llm_models"][load_conf("conf/smoke/parameters.yml")["llm_model"]]
     from llm_caption.llm.models import load_model, load_tokenizer
 
     result = run_training(load_model(spec), load_tokenizer(spec), spec, Path(output_dir))

@@ -37,7 +37,7 @@ def test_the_dev_split_is_drawn_from_chat_train_and_disjoint_from_what_trains():
     assert len(dev) == 6 and len(rest) == 14
     assert not set(dev["conversation_id"]) & set(rest["conversation_id"])
     assert split_dev(train, 6, seed=3)[1]["conversation_id"].tolist() == dev["conversation_id"].tolist()
-    with pytest.raises(ValueError, match="--dev must be between 1 and 19"):
+    with pytest.raises(ValueError, match="between 1 and 19 conversations"):
         split_dev(train, 20, seed=3)
 
 

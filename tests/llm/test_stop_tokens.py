@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from chat_fixtures import load_conf
 from gemma_fixtures import tiny_gemma_spec  # noqa: F401 (fixture)
-from llm_caption.llm.experiment import method_settings
+from llm_caption.llm.experiment import answer_metrics, ended_rate, method_settings
 from llm_caption.llm.generation import STOP_TOKENS_ATTR, generate_answers
 from llm_caption.llm.methods import MethodContext, build_method
 from llm_caption.llm.models import load_model, load_tokenizer
@@ -149,3 +149,33 @@ def test_the_chat_pyfunc_and_command_stop_at_the_saved_spec_stop_tokens(tiny, tm
     assert chat.main(["--method", "lora", "--adapters-dir", str(tmp_path / "adapters"), "--max-new-tokens", "8",
                       question]) == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_ended_rate_counts_the_answers_that_stop_before_max_new_tokens(tiny):
+    _, tokenizer, model, _ = tiny
+    new_turn = tokenizer.convert_tokens_to_ids(NEW_TURN)
+    conversations = PROMPTS[:2]
+    settings = {"max_new_tokens": 8, "do_sample": False, "stop_tokens": [NEW_TURN]}
+    forced = LogitsProcessorList([ForceTokenAt(3, new_turn)])
+    stopped, ended = generate_answers(model, tokenizer, conversations, {**settings, "logits_processor": forced},
+                                      with_ended=True)
+    assert ended == [True, True]
+    cut, cut_ended = generate_answers(model, tokenizer, conversations, {**settings, "max_new_tokens": 3},
+                                      with_ended=True)
+    assert cut == stopped and cut_ended == [False, False]  # the same text, but cut by max_new_tokens
+    # A hand-made set of answers: two of them ended on their own, one was cut.
+    prompts = [{"prompt_kind": "fixed", "reference": ""}] + [{"prompt_kind": "test", "reference": r}
+                                                             for r in ("سلام", "خوبم", "تهران")]
+    measured = answer_metrics(prompts, ["x", "سلام", "خوبم ممنون", "تهر"], [False, True, True, False])
+    assert measured["ended_rate"] == pytest.approx(2 / 3) and measured["n_test_answers"] == 3
+    assert measured["answer_chars"] == pytest.approx((4 + 10 + 3) / 3) and measured["test_persian_share"] == 1.0
+    assert ended_rate([]) != ended_rate([])  # NaN without answers
+
+
+def test_a_logged_decoding_setting_can_only_be_repeated_by_a_request():
+    logged = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.2, "no_repeat_ngram_size": 4}
+    assert generation_settings(logged, {"no_repeat_ngram_size": 4}, ChatLimits())["no_repeat_ngram_size"] == 4
+    with pytest.raises(MlflowException, match="no_repeat_ngram_size: this model's decoding fixes it at 4, got 2"):
+        generation_settings(logged, {"no_repeat_ngram_size": 2}, ChatLimits())
+    with pytest.raises(MlflowException, match="unknown parameter 'top_k'"):
+        generation_settings(logged, {"top_k": 2}, ChatLimits())

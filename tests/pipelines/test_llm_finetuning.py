@@ -78,8 +78,45 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
             assert len(client.get_metric_history(run_id, "train_loss")) == 2
 
     decision = json.loads((smoke / "07_model_output/llm_registry_decision.json").read_text())
-    best = results[results["method"] != "base"].sort_values("bits_per_char").iloc[0]
+    best = results[results["method"] != "base"].sort_values("dev_bits_per_char").iloc[0]
     assert decision["method"] == best["method"] and decision["promoted"] is True
-    assert decision["metric"] == "bits_per_char" and decision["value"] == best["bits_per_char"]
+    assert decision["metric"] == "dev_bits_per_char" and decision["value"] == best["dev_bits_per_char"]
+    assert "release" not in decision  # the release stage is off in the smoke config
     champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")
     assert str(champion.version) == decision["version"]
+
+
+def test_two_studies_in_one_store_keep_their_own_champions(kedro_project):
+    """The default study, then a study on other data under the persian_study environment's model name, in one
+    store: each champion is reachable by its documented URI and neither study took the other's."""
+    from chat_fixtures import load_conf
+
+    study_name = load_conf("conf/persian_study/parameters_llm_finetuning.yml")["llm_finetuning"]["registry"]["model_name"]
+    default_name = load_conf("conf/base/parameters_llm_finetuning.yml")["llm_finetuning"]["registry"]["model_name"]
+    assert (default_name, study_name) == ("persian-chat-adapter", "persian-chat-study")
+    smoke = data_root(kedro_project, "smoke")
+    write_smoke_chat_splits(smoke, n_train=16, n_test=6)
+    run_pipeline(kedro_project, "llm_finetuning", env="smoke", params={"llm_finetuning": {"methods_to_run": ["base", "lora"]}})
+    first = json.loads((smoke / "07_model_output/llm_registry_decision.json").read_text())
+
+    train, test = chat_frames(40, 6)  # other conversations than the first study's
+    train.iloc[16:].reset_index(drop=True).to_parquet(smoke / "05_model_input/chat_train.parquet")
+    test.to_parquet(smoke / "05_model_input/chat_test.parquet")
+    run_pipeline(kedro_project, "llm_finetuning", env="smoke",
+                 params={"llm_finetuning": {"methods_to_run": ["base", "lora"], "registry": {"model_name": study_name}}})
+    second = json.loads((smoke / "07_model_output/llm_registry_decision.json").read_text())
+    assert first["model_name"] == default_name and second["model_name"] == study_name
+    assert first["eval_split"] != second["eval_split"]
+
+    mlflow.set_tracking_uri(store_uri(kedro_project, "smoke"))
+    client = MlflowClient()
+    for name, decision in ((default_name, first), (study_name, second)):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert [str(v.version) for v in versions] == [decision["version"]]  # one study, one version each
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == decision["version"] and champion.run_id == client.get_model_version(
+            name, decision["version"]).run_id
+        info = mlflow.models.get_model_info(f"models:/{name}@champion")
+        assert info.model_uri.startswith("models:/")
+    assert (client.get_model_version_by_alias(default_name, "champion").run_id
+            != client.get_model_version_by_alias(study_name, "champion").run_id)

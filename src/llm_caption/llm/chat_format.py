@@ -84,3 +84,52 @@ def first_user_turn(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]
         if message["role"] == "assistant" and i > 0:
             return messages[:i], message["content"]
     raise ValueError("conversation has no user turn followed by an assistant turn")
+
+
+def labelled_end(labels: Sequence[int]) -> int:
+    """Tokens a conversation needs so that its last labelled token (the last assistant turn's end-of-turn) is
+    inside the window: the index after that token (0 without labels)."""
+    return next((i + 1 for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE_INDEX), 0)
+
+
+def choose_max_seq_len(ends: Sequence[int], coverage: float = 0.9, multiple_of: int = 32,
+                       cap: int = 512) -> dict[str, Any]:
+    """The shortest multiple of ``multiple_of`` (at most ``cap``) whose window holds the whole assistant turn(s)
+    of at least ``coverage`` of the conversations (``ends`` from :func:`labelled_end`).
+
+    Returns ``{"max_seq_len", "coverage", "share_fitting", "n_conversations", "longest"}``; when even ``cap``
+    covers less than ``coverage``, ``cap`` is chosen and ``share_fitting`` says how much it holds."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"max_seq_len_choice.coverage must be in (0, 1], got {coverage!r}")
+    if int(multiple_of) < 1 or int(cap) < int(multiple_of):
+        raise ValueError(f"max_seq_len_choice needs 1 <= multiple_of <= max, got multiple_of={multiple_of!r}, max={cap!r}")
+    ends = [int(e) for e in ends]
+    if not ends:
+        raise ValueError("choose_max_seq_len: no conversations to measure")
+    step, cap = int(multiple_of), int(cap)
+    length = cap
+    for candidate in range(step, cap + 1, step):
+        if sum(e <= candidate for e in ends) >= coverage * len(ends):
+            length = candidate
+            break
+    return {"max_seq_len": length, "coverage": float(coverage),
+            "share_fitting": sum(e <= length for e in ends) / len(ends),
+            "n_conversations": len(ends), "longest": max(ends)}
+
+
+def resolve_max_seq_len(value: Any, tokenizer, conversations: Iterable[tuple[str, Any]], template: str | None,
+                        choice: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``max_seq_len`` as configured: an int (or null: no cut) is kept; ``auto`` is chosen from the training
+    conversations by :func:`choose_max_seq_len` with the ``choice`` settings (coverage, multiple_of, max).
+    Either way the result says which share of the conversations fits whole."""
+    ends = [labelled_end(tokenize_conversation(tokenizer, as_messages(raw, f"conversation {cid}"), template)["labels"])
+            for cid, raw in conversations]
+    if value == "auto":
+        choice = dict(choice or {})
+        return choose_max_seq_len(ends, float(choice.get("coverage", 0.9)), int(choice.get("multiple_of", 32)),
+                                  int(choice.get("max", 512)))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"llm_finetuning.max_seq_len must be a positive integer, null or 'auto', got {value!r}")
+    fitting = sum(value is None or e <= value for e in ends)
+    return {"max_seq_len": value, "coverage": None, "share_fitting": fitting / max(len(ends), 1),
+            "n_conversations": len(ends), "longest": max(ends, default=0)}

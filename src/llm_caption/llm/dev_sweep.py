@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from .experiment import split_dev
+
 logger = logging.getLogger(__name__)
 
 SHOWN = ["method", "status", "learning_rate", "train_time_s", "eval_loss", "bits_per_char", "chrf_pp",
@@ -62,20 +64,14 @@ def variants(cfg: dict[str, Any], method: str, settings: list[str]) -> dict[str,
     return out
 
 
-def split_dev(chat_train: pd.DataFrame, n_dev: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rest, dev): ``n_dev`` conversations drawn with ``seed``, disjoint from the rest."""
-    if not 0 < n_dev < len(chat_train):
-        raise ValueError(f"--dev must be between 1 and {len(chat_train) - 1} (chat_train has {len(chat_train)})")
-    dev = chat_train.sample(n=n_dev, random_state=seed).sort_index()
-    return chat_train.drop(index=dev.index), dev
-
-
 def sweep(chat_train: pd.DataFrame, cfg: dict[str, Any], model_spec: dict[str, Any], seed: int, method: str,
           settings: list[str], n_dev: int, out: Path) -> pd.DataFrame:
     from .experiment import run_methods
 
     rest, dev = split_dev(chat_train, n_dev, seed)
     cfg = copy.deepcopy(cfg)
+    cfg["n_dev_conversations"] = 0  # the dev conversations are this sweep's test split
+    cfg["release"] = {"enabled": False}
     extra = variants(cfg, method, settings)
     cfg["methods"] = {"base": cfg["methods"].get("base", {"builder": "none"}), **extra}
     cfg["methods_to_run"] = list(cfg["methods"])
@@ -96,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="lora", help="method of llm_finetuning.methods to vary")
     parser.add_argument("--set", dest="settings", action="append", required=True,
                         help="key=v1,v2: a training field (learning_rate, max_steps ...) or a builder option (r ...)")
-    parser.add_argument("--dev", type=int, default=64, help="conversations of chat_train held out as dev")
+    parser.add_argument("--dev", type=int, default=None,
+                        help="conversations of chat_train held out as dev (default: the environment's "
+                             "llm_finetuning.n_dev_conversations, so the study's own dev split; else 64)")
     parser.add_argument("--out", type=Path, default=Path("data/dev_sweep"), help="models, checkpoints and table")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of the sweep (default: <out>/sweep.db)")
     args = parser.parse_args(argv)
@@ -115,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{(args.out / 'sweep.db').resolve()}")
     mlflow.set_experiment("llm_dev_sweep")
     spec = params["llm_models"][params["llm_model"]]
+    args.dev = args.dev or int(params["llm_finetuning"].get("n_dev_conversations") or 64)
     table = sweep(chat_train, params["llm_finetuning"], spec, int(params["seed"]), args.method, args.settings,
                   args.dev, args.out)
     table.to_csv(args.out / "dev_sweep.csv", index=False)

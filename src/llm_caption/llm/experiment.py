@@ -30,7 +30,9 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from ..common import require_columns
 from ..evaluation.chat_metrics import chrf_pp
 from ..tracking import child_run
 from .adapters import save_finetuned
-from .chat_format import as_messages, first_user_turn, tokenize_conversations
+from .chat_format import as_messages, first_user_turn, resolve_max_seq_len, tokenize_conversations
 from .generation import generate_answers
 from .methods import MethodContext, build_method, count_parameters
 from .models import load_model, load_tokenizer, train_chat_template
@@ -53,14 +55,19 @@ from .training import TrainResult, train_method
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["method", "status", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb",
+RESULT_COLUMNS = ["method", "stage", "status", "trainable_params", "total_params", "trainable_pct", "peak_memory_mb",
+                  "train_steps", "train_time_s", "step_time_s", "tokens_per_s", "eval_loss", "perplexity",
+                  "bits_per_char", "dev_bits_per_char", "chrf_pp", "test_persian_share", "ended_rate", "answer_chars",
+                  "n_test_answers", "persian_share", "english_prompt_persian_share", "mlflow_run_id", "adapter_dir",
+                  "world_size"]
+METRIC_COLUMNS = ("trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_steps",
                   "train_time_s", "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char",
-                  "chrf_pp", "persian_share", "english_prompt_persian_share", "mlflow_run_id", "adapter_dir", "world_size"]
-METRIC_COLUMNS = ("trainable_params", "total_params", "trainable_pct", "peak_memory_mb", "train_time_s",
-                  "step_time_s", "tokens_per_s", "eval_loss", "perplexity", "bits_per_char", "chrf_pp",
+                  "dev_bits_per_char", "chrf_pp", "test_persian_share", "ended_rate", "answer_chars", "n_test_answers",
                   "persian_share", "english_prompt_persian_share")
 RESULT_FILE = "llm_caption_result.json"
 LOSS_COLUMNS = ["method", "step", "split", "loss"]
+RELEASE_COLUMNS = ["method", "role", "train_steps", "train_time_s", "eval_loss", "bits_per_char", "dev_bits_per_char",
+                   "chrf_pp", "test_persian_share", "ended_rate", "answer_chars", "n_test_answers"]
 GENERATION_COLUMNS = ["method", "stage", "prompt_kind", "prompt", "reference", "answer"]
 
 
@@ -74,6 +81,22 @@ def sample_rows(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     if n is None or n >= len(frame):
         return frame
     return frame.sample(n=int(n), random_state=seed).sort_index()
+
+
+def split_dev(chat_train: pd.DataFrame, n_dev: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rest, dev): ``n_dev`` conversations of ``chat_train`` drawn with ``seed``, disjoint from the rest."""
+    if not 0 < n_dev < len(chat_train):
+        raise ValueError(f"the dev split must hold between 1 and {len(chat_train) - 1} conversations (chat_train has "
+                         f"{len(chat_train)}), got {n_dev}")
+    dev = chat_train.sample(n=n_dev, random_state=seed).sort_index()
+    return chat_train.drop(index=dev.index), dev
+
+
+def dev_split(chat_train: pd.DataFrame, cfg: Mapping[str, Any], seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(conversations the methods train on, dev conversations or None): ``n_dev_conversations`` held out of
+    ``chat_train`` (0 or null: no dev split, every conversation trains)."""
+    n_dev = int(cfg.get("n_dev_conversations") or 0)
+    return split_dev(chat_train, n_dev, seed) if n_dev else (chat_train, None)
 
 
 def eval_subset(chat_test: pd.DataFrame, cfg: Mapping[str, Any], seed: int) -> pd.DataFrame:
@@ -101,6 +124,14 @@ def generation_prompts(chat_test: pd.DataFrame, cfg: Mapping[str, Any], seed: in
         prompts.append({"prompt_kind": "test", "conversation": conversation,
                         "prompt": conversation[-1]["content"], "reference": reference})
     return prompts
+
+
+def generation_batch(cfg: Mapping[str, Any]) -> int:
+    """How many answers are generated together (``generation_batch_size``, default 8)."""
+    value = cfg.get("generation_batch_size") or 8
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"llm_finetuning.generation_batch_size must be a positive integer, got {value!r}")
+    return value
 
 
 def method_settings(cfg: Mapping[str, Any], method: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,12 +180,33 @@ def test_answer_chrf(prompts: list[dict[str, Any]], answers: list[str]) -> float
     return chrf_pp([a for a, _ in pairs], [r for _, r in pairs]) if pairs else float("nan")
 
 
+def ended_rate(ended: list[bool]) -> float:
+    """Share of answers that ended on their own (a stop token before ``max_new_tokens``); NaN without answers."""
+    return sum(bool(e) for e in ended) / len(ended) if ended else float("nan")
+
+
+def answer_metrics(prompts: list[dict[str, Any]], answers: list[str], ended: list[bool]) -> dict[str, float]:
+    """The answers to the test questions: chrF++ against the references, Persian share of their letters, ended rate,
+    mean characters per answer (a longer answer can score a higher chrF++ without being better) and their count."""
+    test = [(p, a, e) for p, a, e in zip(prompts, answers, ended, strict=True) if p["prompt_kind"] == "test"]
+    texts = [a for _, a, _ in test]
+    return {"chrf_pp": test_answer_chrf(prompts, answers),
+            "test_persian_share": persian_share(" ".join(texts)) if texts else float("nan"),
+            "ended_rate": ended_rate([e for *_, e in test]),
+            "answer_chars": sum(len(a) for a in texts) / len(texts) if texts else float("nan"),
+            "n_test_answers": len(texts)}
+
+
 def study_fingerprint(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], seed: int, train_ids: list[str],
-                      eval_ids: list[str], prompts: list[dict[str, Any]]) -> str:
-    """Hash of what every method's result depends on besides its own settings (model, data, prompts, seed)."""
-    shared = {"model": dict(model_spec), "seed": seed, "max_seq_len": cfg.get("max_seq_len"),
+                      eval_ids: list[str], prompts: list[dict[str, Any]], dev_ids: list[str] | None = None,
+                      max_seq_len: Any = None) -> str:
+    """Hash of what every method's result depends on besides its own settings (model, data, prompts, seed, the
+    sequence length in use)."""
+    shared = {"model": dict(model_spec), "seed": seed, "max_seq_len": max_seq_len or cfg.get("max_seq_len"),
               "train": train_ids, "eval": eval_ids, "generation": dict(cfg.get("generation") or {}),
               "prompts": [[p["prompt"], p["reference"]] for p in prompts]}
+    if dev_ids:
+        shared["dev"] = dev_ids
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -213,7 +265,8 @@ def failed_row(method: str, error: BaseException) -> dict[str, Any]:
 
 def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[str, Any],
                 model_spec: Mapping[str, Any], seed: int) -> dict[str, pd.DataFrame]:
-    """Train, measure, save and track every selected method; return the three result tables."""
+    """Train, measure, save and track every selected method, then (``release.enabled``) train the best one again
+    as ``<method>-release`` (:mod:`.release`); return the result tables."""
     if cfg.get("torch_num_threads"):
         torch.set_num_threads(int(cfg["torch_num_threads"]))
     distributed.ensure_process_group()
@@ -224,17 +277,30 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
     methods = selected_methods(cfg)
     tokenizer = load_tokenizer(model_spec)
     template = train_chat_template(model_spec)
-    max_len = cfg.get("max_seq_len")
-    train_rows = sample_rows(chat_train, cfg.get("n_train_conversations"), seed)
+    fit_rows, dev_rows = dev_split(chat_train, cfg, seed)
+    if (cfg.get("release") or {}).get("enabled") and dev_rows is None:
+        raise ValueError("llm_finetuning.release needs a dev split to choose the method and its budget on: set "
+                         "n_dev_conversations (e.g. 64)")
+    train_rows = sample_rows(fit_rows, cfg.get("n_train_conversations"), seed)
+    seq = resolve_max_seq_len(cfg.get("max_seq_len"), tokenizer, zip(train_rows["conversation_id"], train_rows["messages"]),
+                              template, cfg.get("max_seq_len_choice"))
+    max_len = seq["max_seq_len"]
+    logger.info("llm_finetuning: max_seq_len=%s%s: %.1f%% of the %d training conversations hold their whole "
+                "assistant turn (longest needs %d tokens)", max_len, " (chosen from the data)" if
+                cfg.get("max_seq_len") == "auto" else "", 100 * seq["share_fitting"], seq["n_conversations"],
+                seq["longest"])
     eval_rows = eval_subset(chat_test, cfg, seed)
     train_ds = tokenize_conversations(tokenizer, zip(train_rows["conversation_id"], train_rows["messages"]), template, max_len)
     eval_ds = tokenize_conversations(tokenizer, zip(eval_rows["conversation_id"], eval_rows["messages"]), template, max_len)
+    dev_ds = (None if dev_rows is None else
+              tokenize_conversations(tokenizer, zip(dev_rows["conversation_id"], dev_rows["messages"]), template, max_len))
     prompts = generation_prompts(chat_test, cfg, seed)
-    logger.info("llm_finetuning: %d methods, %d train / %d eval conversations, %d prompts, max_seq_len=%s%s",
-                len(methods), len(train_ds), len(eval_ds), len(prompts), max_len,
+    logger.info("llm_finetuning: %d methods, %d train / %d dev / %d eval conversations, %d prompts%s",
+                len(methods), len(train_ds), 0 if dev_ds is None else len(dev_ds), len(eval_ds), len(prompts),
                 f", rank {distributed.rank()} of {world} processes" if world > 1 else "")
     study = study_fingerprint(cfg, model_spec, seed, train_rows["conversation_id"].astype(str).tolist(),
-                              eval_rows["conversation_id"].astype(str).tolist(), prompts)
+                              eval_rows["conversation_id"].astype(str).tolist(), prompts,
+                              None if dev_rows is None else dev_rows["conversation_id"].astype(str).tolist(), max_len)
     out_root = Path(cfg["output_dir"])
     ckpt_root = Path(cfg["checkpoint_dir"])
     reuse = bool(cfg.get("reuse_finished", True))
@@ -249,57 +315,124 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
         plans = distributed.broadcast(plans)
 
     conversations = [p["conversation"] for p in prompts]
-    base_model = before = None
+    data = MethodData(tokenizer=tokenizer, train_ds=train_ds, eval_ds=eval_ds, dev_ds=dev_ds, prompts=prompts)
+    base = BaseModel(model_spec)
     if any(finished is None for *_, finished in plans):
-        # The base model stays unquantised; a method that wants quantised weights (qlora) asks for them.
-        base_model = load_model(model_spec, quantization={})
-        if torch.cuda.is_available():
-            base_model = base_model.to("cuda")
-        before = generate_answers(base_model, tokenizer, conversations, cfg.get("generation") or {})
+        base.before = generate_answers(base.get(), tokenizer, conversations, cfg.get("generation") or {},
+                                       batch_size=generation_batch(cfg), with_ended=True)
     results, losses, generations = [], [], []
+    study_start = time.perf_counter()
     for method, method_cfg, training, fingerprint, finished in plans:
         if finished is None:
-            try:
-                finished = _run_method(method, method_cfg, training, base_model, tokenizer, train_ds, eval_ds,
-                                       prompts, before, cfg, model_spec, seed, out_root, ckpt_root)
-            except Exception as error:  # noqa: BLE001 - one method that cannot run must not end the study
-                logger.error("[%s] cannot run on this model: %s", method, one_line(error))
-                logger.debug("[%s] traceback", method, exc_info=True)
-                finished = {"row": failed_row(method, error), "losses": [], "generations": []}
-            else:
-                if main:
-                    write_finished(out_root / method, fingerprint, **finished)
-            finally:
-                gc.collect()
+            finished = run_or_fail(method, method_cfg, training, base, data, cfg, model_spec, seed, out_root,
+                                   ckpt_root, fingerprint)
         else:
             logger.info("[%s] finished result for this configuration found in %s: not retrained", method,
                         out_root / method / RESULT_FILE)
         if not generations and finished["generations"]:
             generations.extend(g for g in finished["generations"] if g["stage"] == "before")
-        results.append({"world_size": 1, **finished["row"]})
+        results.append({"world_size": 1, "stage": "study", **finished["row"]})
         losses.extend(finished["losses"])
         generations.extend(g for g in finished["generations"] if g["stage"] == "after")
+    logger.info("llm_finetuning: study of %d methods done in %.0f s (methods reused from earlier runs count 0)",
+                len(plans), time.perf_counter() - study_start)
+    release_table = pd.DataFrame(columns=RELEASE_COLUMNS)
+    if (cfg.get("release") or {}).get("enabled"):
+        from .release import run_release
 
+        staged = run_release(pd.DataFrame(results, columns=RESULT_COLUMNS), base, data, chat_test, cfg, model_spec,
+                             seed, study, out_root, ckpt_root)
+        results.append(staged["row"])
+        losses.extend(staged["losses"])
+        generations.extend(staged["generations"])
+        release_table = staged["table"]
     return {
         "llm_method_results": pd.DataFrame(results, columns=RESULT_COLUMNS),
         "llm_loss_history": pd.DataFrame(losses, columns=LOSS_COLUMNS),
         "llm_generations": pd.DataFrame(generations, columns=GENERATION_COLUMNS),
+        "llm_release_results": release_table.reindex(columns=RELEASE_COLUMNS),
     }
 
 
-def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], base_model, tokenizer,
-                train_ds, eval_ds, prompts: list[dict[str, Any]], before: list[str], cfg: Mapping[str, Any],
-                model_spec: Mapping[str, Any], seed: int, out_root: Path, ckpt_root: Path) -> dict[str, Any]:
-    """Build, train, measure, save and track one method; its row, loss history and answers (before and after)."""
+@dataclass
+class MethodData:
+    """What every method trains and is measured on."""
+
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Any
+    dev_ds: Any
+    prompts: list[dict[str, Any]]
+
+
+class BaseModel:
+    """The base model, loaded once on first use (unquantised; a method that wants quantised weights asks for them),
+    and its answers to the study's prompts (``before``: answers, ended flags)."""
+
+    def __init__(self, spec: Mapping[str, Any]):
+        self.spec = spec
+        self._model = None
+        self.before: tuple[list[str], list[bool]] | None = None
+
+    def get(self):
+        if self._model is None:
+            self._model = load_model(self.spec, quantization={})
+            if torch.cuda.is_available():
+                self._model = self._model.to("cuda")
+        return self._model
+
+
+def run_or_fail(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], base: BaseModel,
+                data: MethodData, cfg: Mapping[str, Any], model_spec: Mapping[str, Any], seed: int, out_root: Path,
+                ckpt_root: Path, fingerprint: str, **kwargs) -> dict[str, Any]:
+    """:func:`_run_method`, its finished result saved (main process); a method that cannot run gets a failed row."""
+    try:
+        finished = _run_method(method, method_cfg, training, base, data, cfg, model_spec, seed, out_root, ckpt_root,
+                               **kwargs)
+    except Exception as error:  # noqa: BLE001 - one method that cannot run must not end the study
+        logger.error("[%s] cannot run on this model: %s", method, one_line(error))
+        logger.debug("[%s] traceback", method, exc_info=True)
+        return {"row": failed_row(method, error), "losses": [], "generations": []}
+    finally:
+        gc.collect()
+    if distributed.is_main_process():
+        write_finished(out_root / method, fingerprint, **finished)
+    return finished
+
+
+def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[str, Any], base: BaseModel,
+                data: MethodData, cfg: Mapping[str, Any], model_spec: Mapping[str, Any], seed: int, out_root: Path,
+                ckpt_root: Path, prompts: list[dict[str, Any]] | None = None, select_on_dev: bool = False,
+                model=None) -> dict[str, Any]:
+    """Build, train, measure, save and track one method; its row, loss history and answers (before and after).
+
+    ``prompts``: what the method answers (default: the study's prompts). ``select_on_dev``: evaluate on the dev
+    split while training (early stopping, best checkpoint kept) and report the eval split's loss afterwards.
+    ``model``: an already built model to train instead of building ``method_cfg`` on a copy of the base model.
+    """
     trains = method_cfg.get("builder") != "none"
-    model = build_method(copy.deepcopy(base_model), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
+    tokenizer = data.tokenizer
+    prompts = data.prompts if prompts is None else prompts
+    if model is None:
+        model = build_method(copy.deepcopy(base.get()), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
     trainable, total = count_parameters(model)
     main = distributed.is_main_process()
-    result = train_method(model, tokenizer, train_ds, eval_ds, training, ckpt_root / method, seed, train=trains)
-    chars = score_characters(model, tokenizer, eval_ds)
+    if select_on_dev:
+        result = train_method(model, tokenizer, data.train_ds, data.dev_ds, training, ckpt_root / method, seed,
+                              train=trains, report_ds=data.eval_ds)
+    else:
+        result = train_method(model, tokenizer, data.train_ds, data.eval_ds, training, ckpt_root / method, seed,
+                              train=trains)
+    chars = score_characters(model, tokenizer, data.eval_ds)
+    dev_chars = score_characters(model, tokenizer, data.dev_ds).bits_per_character if data.dev_ds is not None else float("nan")
     conversations = [p["conversation"] for p in prompts]
-    answers = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {}) if trains else before
-    before_rows = _generation_rows("base", "before", prompts, before)
+    if trains:
+        answers, ended = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {},
+                                          batch_size=generation_batch(cfg), with_ended=True)
+    else:
+        answers, ended = base.before
+    before_answers = base.before[0] if base.before is not None and len(base.before[0]) == len(prompts) else None
+    before_rows = _generation_rows("base", "before", prompts, before_answers) if before_answers else []
     rows = _generation_rows(method, "after", prompts, answers)
     adapter_dir = out_root / method if trains else None
     if trains:
@@ -308,21 +441,24 @@ def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[st
                 adapter_dir = save_finetuned(model, out_root / method, method, method_cfg, model_spec)
     row = {"method": method, "status": "ok", "trainable_params": trainable, "total_params": total,
            "trainable_pct": 100.0 * trainable / total, "peak_memory_mb": result.peak_memory_mb,
-           "train_time_s": result.train_time_s, "step_time_s": result.step_time_s,
-           "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval_loss,
+           "train_steps": result.best_step or result.steps, "train_time_s": result.train_time_s,
+           "step_time_s": result.step_time_s, "tokens_per_s": result.tokens_per_s, "eval_loss": result.eval_loss,
            "perplexity": result.perplexity, "bits_per_char": chars.bits_per_character,
-           "chrf_pp": test_answer_chrf(prompts, answers), "persian_share": fixed_prompt_share(prompts, answers),
+           "dev_bits_per_char": dev_chars, **answer_metrics(prompts, answers, ended),
+           "persian_share": fixed_prompt_share(prompts, answers),
            "english_prompt_persian_share": fixed_prompt_share(prompts, answers, persian_prompts=False),
            "adapter_dir": str(adapter_dir) if adapter_dir else "", "world_size": distributed.world_size()}
-    table = pd.DataFrame(before_rows + rows)[GENERATION_COLUMNS]
+    table = pd.DataFrame(before_rows + rows, columns=GENERATION_COLUMNS)
     run_id = (_log_method_run(method, method_cfg, training, row, result, table, adapter_dir,
                               cfg.get("model_label", "")) if main else "")
     row["mlflow_run_id"] = distributed.broadcast(run_id)
     logger.info("[%s] trainable %s (%.3f%%) | %d steps, %.2f s/step, %.0f tok/s | peak %.0f MB | "
-                "eval loss %.4f (ppl %.1f) | %.3f bits/char | chrF++ %.1f | Persian share %.2f%s", method,
-                f"{trainable:,}", row["trainable_pct"], result.steps, result.step_time_s, result.tokens_per_s,
-                result.peak_memory_mb, result.eval_loss, result.perplexity, row["bits_per_char"], row["chrf_pp"],
-                row["persian_share"], f" | resumed from {result.resumed_from}" if result.resumed_from else "")
+                "eval loss %.4f (ppl %.1f) | %.3f bits/char (dev %.3f) | chrF++ %.1f | ended %.2f | %.0f chars | "
+                "Persian share %.2f%s", method, f"{trainable:,}", row["trainable_pct"], result.steps,
+                result.step_time_s, result.tokens_per_s, result.peak_memory_mb, result.eval_loss, result.perplexity,
+                row["bits_per_char"], row["dev_bits_per_char"], row["chrf_pp"], row["ended_rate"],
+                row["answer_chars"], row["persian_share"],
+                f" | resumed from {result.resumed_from}" if result.resumed_from else "")
     distributed.barrier()  # every rank is done with the checkpoints before the main process removes them
     if main and not cfg.get("keep_checkpoints", False):
         shutil.rmtree(ckpt_root / method, ignore_errors=True)
@@ -355,7 +491,7 @@ def compare_models(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mappi
         if name == main_model:
             results = main_results
         else:
-            sub_cfg = {**cfg, "methods_to_run": methods, "model_label": name,
+            sub_cfg = {**cfg, "methods_to_run": methods, "model_label": name, "release": {"enabled": False},
                        "output_dir": str(Path(cfg["output_dir"]) / name),
                        "checkpoint_dir": str(Path(cfg["checkpoint_dir"]) / name)}
             results = run_methods(chat_train, chat_test, sub_cfg, model_specs[name], seed)["llm_method_results"]

@@ -119,11 +119,14 @@ def _until_stop(ids: torch.Tensor, stops: set[int]) -> list[int]:
 
 
 def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, str]]],
-                     generation: Mapping[str, Any], batch_size: int = 8, fast: bool = True) -> list[str]:
+                     generation: Mapping[str, Any], batch_size: int = 8, fast: bool = True,
+                     with_ended: bool = False) -> list[str] | tuple[list[str], list[bool]]:
     """The model's reply to each conversation (rendered with the tokenizer's chat template + generation prompt).
 
     ``generation`` holds ``generate`` settings plus ``stop_tokens`` (token strings an answer also ends at, beside
     the tokenizer's eos and the model spec's stop tokens); the answer is the text before the first stop id.
+    ``seed`` (sampling only) seeds torch before each batch, so the same settings give the same answers.
+    ``with_ended``: also return, per answer, whether it ended on its own (a stop id before ``max_new_tokens``).
     """
     settings = dict(generation)
     stops = stop_token_ids(tokenizer, settings.pop("stop_tokens", None) or (), model)
@@ -132,7 +135,9 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
     settings.update(pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=stops[0] if len(stops) == 1 else (stops or None))
     stop_set = set(stops)
+    seed = settings.pop("seed", None)
     answers: list[str] = []
+    ended: list[bool] = []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
@@ -144,11 +149,15 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
             texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
+            if seed is not None:
+                torch.manual_seed(int(seed) + start)
             with torch.no_grad():
                 new_tokens = _generate(runner, enc, settings, fast)
-            answers.extend(tokenizer.decode(_until_stop(t, stop_set), skip_special_tokens=True).strip()
-                           for t in new_tokens)
+            for row in new_tokens:
+                kept = _until_stop(row, stop_set)
+                answers.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+                ended.append(len(kept) < len(row))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return answers
+    return (answers, ended) if with_ended else answers

@@ -220,7 +220,8 @@ def check_generation(defaults: Mapping[str, Any], params: Mapping[str, Any] | No
     """The logged generation settings with a request's ``params`` applied, each checked against ``limits``;
     :class:`ChatRequestError` for a parameter out of range or unknown.
 
-    ``do_sample`` may only repeat the logged setting (a client cannot switch sampling on).
+    ``do_sample`` and any other logged scalar setting (``no_repeat_ngram_size`` ...) may only repeat the logged value
+    (a client cannot switch sampling on or change the decoding the model was chosen with).
     """
     settings = dict(defaults)
     for key, value in dict(params or {}).items():
@@ -239,6 +240,13 @@ def check_generation(defaults: Mapping[str, Any], params: Mapping[str, Any] | No
             if not _is_bool(value) or bool(value) != logged:
                 raise _refuse(f"do_sample: this model's decoding is fixed (do_sample={str(logged).lower()}), "
                               f"got {_show(value)}")
+            value = logged
+        elif key in defaults and key != "stop_tokens" and type(defaults[key]) in (int, float, bool, str):
+            # Another logged decoding setting (e.g. no_repeat_ngram_size): fixed, like do_sample; the served model
+            # receives it with its logged default.
+            logged = defaults[key]
+            if _is_bool(value) != _is_bool(logged) or value != logged:
+                raise _refuse(f"{str(key)[:40]}: this model's decoding fixes it at {logged!r}, got {_show(value)}")
             value = logged
         else:
             raise _refuse(f"unknown parameter {str(key)[:40]!r}; accepted: max_new_tokens, repetition_penalty, "

@@ -28,7 +28,7 @@ from ..common import cpu_supports_bf16
 logger = logging.getLogger(__name__)
 
 # Keys of the `training` block that are ours, not SFTConfig's.
-_OWN_KEYS = {"resume", "padding_free"}
+_OWN_KEYS = {"resume", "padding_free", "early_stopping_patience"}
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TrainResult:
     peak_memory_mb: float
     resumed_from: str | None
     loss_history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0  # with early stopping: the step whose checkpoint was kept (0 otherwise)
 
     @property
     def perplexity(self) -> float:
@@ -138,6 +139,10 @@ def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, g
         "dataset_kwargs": {"skip_prepare_dataset": True},
     }
     settings.update({k: v for k, v in training.items() if k not in _OWN_KEYS})
+    if training.get("early_stopping_patience"):
+        # Stop when the eval loss has not improved for `patience` evaluations; end on the best checkpoint.
+        settings.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                        save_steps=settings.get("eval_steps", settings.get("save_steps")))
     if not on_gpu:
         # fp16 has no CPU path. bf16 on CPU (autocast) only when the config asks for it and the CPU has
         # native bf16 (AVX512-BF16 / AMX); otherwise it would be emulated and slower than fp32.
@@ -255,8 +260,12 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any], output_dir: str | Path,
-                 seed: int, train: bool = True, callbacks: list | None = None) -> TrainResult:
+                 seed: int, train: bool = True, callbacks: list | None = None, report_ds=None) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` parameters) and evaluate it; ``train=False`` only evaluates.
+
+    ``report_ds``: the split the returned eval loss is measured on, when it is not ``eval_ds`` (the release
+    stage evaluates on a dev split while training, ``early_stopping_patience`` stops on it, and reports the
+    test split's loss; the loss history then calls the split ``dev``).
 
     ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...), ``resume``
     (continue from the last checkpoint in ``output_dir`` when there is one) and ``padding_free`` (default true:
@@ -269,8 +278,13 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
     resume = last_checkpoint(output_dir) if training.get("resume", True) and train else None
     config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
     trainer_class = labelled_head_trainer(bool(training.get("padding_free", True)))
+    callbacks = list(callbacks or [])
+    if training.get("early_stopping_patience"):
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(training["early_stopping_patience"])))
     trainer = trainer_class(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, callbacks=list(callbacks or []))
+                            processing_class=tokenizer, callbacks=callbacks)
     with peak_memory_mb() as memory:
         start = time.perf_counter()
         start_step = 0
@@ -282,14 +296,21 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
             trainer.train(resume_from_checkpoint=resume)
             tokens = float(trainer.state.num_input_tokens_seen or 0)
         train_time = time.perf_counter() - start
-        metrics = final_eval(trainer) if train else None
-        if metrics is None:
-            metrics = trainer.evaluate()
+        if report_ds is not None:
+            metrics = trainer.evaluate(eval_dataset=report_ds)
+        else:
+            metrics = final_eval(trainer) if train else None
+            if metrics is None:
+                metrics = trainer.evaluate()
     # With bf16, accelerate wraps model.forward in autocast; drop the wrapper so that generation, saving
     # and reloading afterwards see the plain fp32 model.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     steps = trainer.state.global_step - start_step if train else 0
     history = loss_history(trainer.state.log_history)
+    if report_ds is not None:  # the last eval is the report split's; the others are the dev split's
+        if history and history[-1]["split"] == "eval":
+            history = history[:-1]
+        history = [{**e, "split": "dev"} if e["split"] == "eval" else e for e in history]
     if history and history[-1]["split"] == "eval" and not train:
         history = []
     if resume and tokens:
@@ -304,4 +325,5 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
         peak_memory_mb=memory["peak"],
         resumed_from=resume,
         loss_history=history,
+        best_step=int(getattr(trainer.state, "best_global_step", None) or 0) if train else 0,
     )
