@@ -132,6 +132,11 @@ def write_upstream(project: Path) -> dict[str, str]:
     pd.DataFrame(results).to_csv(out / "llm_method_results.csv", index=False)
     pd.DataFrame(history).to_csv(out / "llm_loss_history.csv", index=False)
     pd.DataFrame(generations).to_csv(out / "llm_generations.csv", index=False)
+    pd.DataFrame([{"method": "base", "role": "untuned", "train_steps": 0, "bits_per_char": 2.5, "chrf_pp": 10.0,
+                   "ended_rate": 0.0, "answer_chars": 400.0, "n_test_answers": 3},
+                  {"method": "lora-release", "role": "release", "train_steps": 120, "bits_per_char": 1.25,
+                   "chrf_pp": 20.5, "ended_rate": 0.97, "answer_chars": 80.0, "n_test_answers": 3}]
+                 ).to_csv(out / "llm_release_results.csv", index=False)
     reporting = data_root(project) / "08_reporting"
     reporting.mkdir(parents=True, exist_ok=True)
     (reporting / "chat_data_report.json").write_text(json.dumps({"input": 10, "accepted": 8, "train": 5, "test": 3}),

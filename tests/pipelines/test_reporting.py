@@ -63,6 +63,7 @@ def test_reporting_pipeline_writes_tables_figures_and_offline_report(kedro_proje
     assert "<tr><td>chat conversations for training</td><td>5</td></tr>" in page
     assert "<tr><td>caption vocabulary size</td><td>42</td></tr>" in page
     assert "پایتخت ایران" in page  # Persian samples are embedded
+    assert "<h3>Release model</h3>" in page and "lora-release" in page and "0.97" in page
 
     client = MlflowClient(tracking_uri=store_uri(kedro_project))
     experiment = client.get_experiment_by_name("llm_caption")

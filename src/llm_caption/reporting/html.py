@@ -204,13 +204,23 @@ def figure_sections(params: Mapping[str, Any], figures: Mapping[str, bytes | Non
     return sections
 
 
+def release_table_html(release: pd.DataFrame | None) -> str:
+    """The release stage's table as HTML ("" when the stage did not run)."""
+    if release is None or release.empty:
+        return ""
+    from .tables import RELEASE_COLUMNS, render_table
+
+    return render_table(release.reindex(columns=list(RELEASE_COLUMNS)), RELEASE_COLUMNS)[1]
+
+
 def build_report_context(params: Mapping[str, Any], seed: int, run_id: str, env: str | None, *,
                          chat_table: pd.DataFrame, caption_table: pd.DataFrame, chat_table_html: str,
                          caption_table_html: str, caption_metrics: pd.DataFrame,
                          caption_per_image_scores: pd.DataFrame, caption_predictions: pd.DataFrame,
                          llm_generations: pd.DataFrame, chat_data_report: Mapping[str, Any] | None,
                          caption_data_report: Mapping[str, Any] | None,
-                         figures: Mapping[str, bytes | None]) -> dict[str, Any]:
+                         figures: Mapping[str, bytes | None],
+                         llm_release_results: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every value the report template shows, from the run's datasets (``run_id``/``env``: the MLflow run)."""
     # Rows without trainable parameters (the untouched base model) are references, not contenders.
     untrained = chat_table.loc[pd.to_numeric(chat_table["trainable_params"], errors="coerce") == 0, "method"].tolist()
@@ -233,6 +243,7 @@ def build_report_context(params: Mapping[str, Any], seed: int, run_id: str, env:
         "chat_summary": winners(chat_table, "method", CHAT_CRITERIA, exclude=[BASE_ROW, *untrained]),
         "caption_summary": winners(caption_table, "architecture", CAPTION_CRITERIA),
         "caption_split": split, "chat_table_html": chat_table_html, "caption_table_html": caption_table_html,
+        "release_table_html": release_table_html(llm_release_results),
         "chat_figures": sections["chat"], "caption_figures": sections["caption"], "eda_figures": sections["eda"],
         "chat_samples": chat_samples(llm_generations, params["n_chat_samples"]),
         "best_worst_arch": best_arch,

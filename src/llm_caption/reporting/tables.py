@@ -37,6 +37,21 @@ CHAT_COLUMNS: dict[str, str] = {
     "answer_length": "Answer length",
 }
 
+#: llm_release_results: the untuned model, the study champion and the release model on every test question.
+RELEASE_COLUMNS: dict[str, str] = {
+    "role": "Model",
+    "method": "Method",
+    "train_steps": "Steps",
+    "train_time_s": "Train time (s)",
+    "bits_per_char": "Bits/char",
+    "dev_bits_per_char": "Bits/char (dev)",
+    "chrf_pp": "chrF++",
+    "test_persian_share": "Persian share",
+    "ended_rate": "Ended",
+    "answer_chars": "Answer chars",
+    "n_test_answers": "Test answers",
+}
+
 #: Method name of the row that describes the base model before any training.
 BASE_ROW = "base model (before training)"
 

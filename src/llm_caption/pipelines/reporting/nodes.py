@@ -64,7 +64,7 @@ def build_report(params: dict[str, Any], seed: int, chat_table: pd.DataFrame, ca
                  chat_table_html: str, caption_table_html: str, caption_metrics: pd.DataFrame,
                  caption_per_image_scores: pd.DataFrame, caption_predictions: pd.DataFrame,
                  llm_generations: pd.DataFrame, chat_data_report: dict | None, caption_data_report: dict | None,
-                 **figures: bytes | None) -> str:
+                 llm_release_results: pd.DataFrame | None = None, **figures: bytes | None) -> str:
     """The self-contained HTML write-up of the run (``report_html``): setup, both tables, figures, samples, summary.
 
     ``figures`` are PNG bytes keyed by catalog name (``None``: not produced); their titles and grouping
@@ -76,7 +76,7 @@ def build_report(params: dict[str, Any], seed: int, chat_table: pd.DataFrame, ca
         chat_table_html=chat_table_html, caption_table_html=caption_table_html, caption_metrics=caption_metrics,
         caption_per_image_scores=caption_per_image_scores, caption_predictions=caption_predictions,
         llm_generations=llm_generations, chat_data_report=chat_data_report,
-        caption_data_report=caption_data_report, figures=figures)
+        caption_data_report=caption_data_report, figures=figures, llm_release_results=llm_release_results)
     page = report_html.render_report(context)
     logger.info("Report rendered: %d KB, %d figures", len(page) // 1024, len(params["figures"]))
     return page

@@ -27,6 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         "caption_metrics": "caption_metrics", "caption_per_image_scores": "caption_per_image_scores",
         "caption_predictions": "caption_predictions", "llm_generations": "llm_generations",
         "chat_data_report": "chat_data_report", "caption_data_report": "caption_data_report",
+        "llm_release_results": "llm_release_results",
         **{name: name for name in FIGURES + EDA_FIGURES},
     }
     return Pipeline([
