@@ -33,6 +33,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 logger = logging.getLogger("llm_caption.chat")
 
+# A local method (--method) has no logged decoding: conf/persian_study's, chosen on dev answers.
+LOCAL_GENERATION = {"max_new_tokens": 128, "do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 3}
+
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MLflow tracking URI (default: the store `kedro run --env ENV` uses)")
     parser.add_argument("--env", default=os.environ.get("KEDRO_ENV"),
                         help="Kedro environment whose store to use, e.g. smoke (default: $KEDRO_ENV or base)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="default: the registered model's own setting (its logged decoding); 128 for --method")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
 
@@ -129,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     messages = [{"role": "user", "content": args.message}]
-    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "repetition_penalty": 1.2}
+    asked = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if args.model_uri:
         model, refusals = load_chat_model(args)
-        try:
-            reply = model.predict([messages], params=generation)[0]
+        try:  # the decoding the model was registered with (chosen on dev answers); a request changes the length only
+            reply = model.predict([messages], params=asked or None)[0]
         except refusals as error:  # a request the model refuses: its one-line reason
             raise SystemExit(f"error: {error.message}") from None
     else:
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             available = sorted(p.name for p in Path(args.adapters_dir).glob("*") if p.is_dir() and not p.name.startswith("."))
             raise SystemExit(f"error: no saved method {args.method!r} in {args.adapters_dir} (found: {available})")
         model, tokenizer = load_finetuned(adapter_dir)
-        reply = generate_answers(model, tokenizer, [messages], generation)[0]
+        reply = generate_answers(model, tokenizer, [messages], {**LOCAL_GENERATION, **asked})[0]
     print(reply)
     return 0
 

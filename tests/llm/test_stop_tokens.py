@@ -126,7 +126,7 @@ def test_the_chat_pyfunc_and_command_stop_at_the_saved_spec_stop_tokens(tiny, tm
     spec, tokenizer, _, cfg = tiny
     model = _method_model(tiny, "lora")
     question = PROMPTS[0][0]["content"]
-    settings = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.2}  # the chat command's decoding
+    settings = {**chat.LOCAL_GENERATION, "max_new_tokens": 8}  # the chat command's decoding of a local method
     enc = tokenizer([tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)],
                     return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
