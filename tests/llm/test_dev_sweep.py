@@ -19,11 +19,13 @@ def _cfg() -> dict:
 
 def test_each_value_of_a_setting_is_one_variant_of_the_method():
     cfg = _cfg()
+    configured = cfg["methods"]["lora"]["training"]["learning_rate"]
+    assert configured not in (3.0e-3, 6.0e-3)
     out = variants(cfg, "lora", ["learning_rate=3.0e-3,6.0e-3", "r=8"])
     assert list(out) == ["lora(learning_rate=3.0e-3)", "lora(learning_rate=6.0e-3)", "lora(r=8)"]
     assert out["lora(learning_rate=6.0e-3)"]["training"]["learning_rate"] == pytest.approx(6.0e-3)
-    assert out["lora(r=8)"]["options"]["r"] == 8 and out["lora(r=8)"]["training"]["learning_rate"] == 3.0e-3
-    assert cfg["methods"]["lora"]["training"]["learning_rate"] == 3.0e-3  # the study's config is not changed
+    assert out["lora(r=8)"]["options"]["r"] == 8 and out["lora(r=8)"]["training"]["learning_rate"] == configured
+    assert cfg["methods"]["lora"]["training"]["learning_rate"] == configured  # the study's config is not changed
     assert parse_value("true") is True and parse_value("16") == 16 and parse_value("cosine") == "cosine"
     with pytest.raises(ValueError, match="key=value"):
         variants(cfg, "lora", ["learning_rate"])
