@@ -83,17 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     from .adapters import load_finetuned
+    from .dev_sweep import env_chat_train
     from .experiment import dev_split
 
-    bootstrap_project(Path.cwd())
-    with KedroSession.create(env=args.env) as session:
-        context = session.load_context()
-        params = context.params
-        chat_train = context.catalog.load("chat_train")
+    params, chat_train = env_chat_train(args.env)
     cfg = params["llm_finetuning"]
     seed = int(params["seed"])
     _, dev = dev_split(chat_train, cfg, seed)

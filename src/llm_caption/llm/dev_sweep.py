@@ -86,6 +86,17 @@ def sweep(chat_train: pd.DataFrame, cfg: dict[str, Any], model_spec: dict[str, A
     return table
 
 
+def env_chat_train(env: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(parameters, chat_train) of Kedro environment ``env``, from the project in the working directory."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(Path.cwd())
+    with KedroSession.create(env=env) as session:
+        context = session.load_context()
+        return context.params, context.catalog.load("chat_train")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm_caption.llm.dev_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--env", default="base", help="Kedro environment whose study settings and chat_train are used")
@@ -101,14 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import mlflow
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
 
-    bootstrap_project(Path.cwd())
-    with KedroSession.create(env=args.env) as session:
-        context = session.load_context()
-        params = context.params
-        chat_train = context.catalog.load("chat_train")
+    params, chat_train = env_chat_train(args.env)
     args.out.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{(args.out / 'sweep.db').resolve()}")
     mlflow.set_experiment("llm_dev_sweep")
