@@ -110,7 +110,8 @@ def test_two_ranks_train_lora_like_one_process_at_twice_the_batch(tmp_path, tiny
 def smoke_project(root: Path, spec: dict, methods: list[str]) -> Path:
     """A project copy whose smoke env studies ``methods`` on the tiny model, chat splits in place."""
     project = make_project_copy(root / "project")
-    (project / "conf/smoke/parameters_tiny_model.yml").write_text(
+    # conf/smoke/parameters.yml names the smoke env's model; the tiny one replaces it (one file, no duplicate key).
+    (project / "conf/smoke/parameters.yml").write_text(
         yaml.safe_dump({"llm_model": "tiny_gemma", "llm_models": {"tiny_gemma": spec}}))
     params_file = project / "conf/smoke/parameters_llm_finetuning.yml"
     params = yaml.safe_load(params_file.read_text(encoding="utf-8"))

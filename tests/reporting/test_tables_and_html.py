@@ -79,6 +79,7 @@ def test_render_report_escapes_text_and_embeds_images():
         "sizes": [("images", "5")], "chat_data_rows": html.flatten_report({"counts": {"train": 4, "test": 2}}),
         "caption_data_rows": [], "chat_summary": ["x"], "caption_summary": [], "caption_split": "test",
         "chat_table_html": "<table class='table'></table>", "caption_table_html": "",
+        "release_table_html": "<table class='release'></table>",
         "chat_figures": [{"title": "loss", "uri": html.png_data_uri(png)}],
         "caption_figures": [{"title": "bars", "uri": None}], "eda_figures": [],
         "chat_samples": [{"method": "lora", "stage": "after", "prompt": "سلام", "answer": "<b>hi</b>", "reference": "r"}],
@@ -89,6 +90,9 @@ def test_render_report_escapes_text_and_embeds_images():
     assert 'src="data:image/png;base64,iVBORw0KGgpmYWtl"' in page
     assert "bars: not produced by this run." in page
     assert "counts.train" in page and "سلام" in page
+    assert "<h3>Release model</h3>" in page and "<table class='release'></table>" in page
+    page = html.render_report({**context, "release_table_html": ""})
+    assert "Release model" not in page
 
 
 def test_best_and_worst_by_per_image_cider():
