@@ -12,8 +12,8 @@ import torch
 from chat_fixtures import persian_conversations
 from gemma_fixtures import gemma_tokenizer, tiny_gemma_spec  # noqa: F401 (fixtures)
 from llm_caption.llm.chat_format import IGNORE_INDEX, tokenize_conversations
-from llm_caption.llm.labelled_head import (PaddingFreeCollator, TailTrimmingCollator, add_labelled_head, labelled_nll,
-                                           trim_unlabelled_tail)
+from llm_caption.llm.labelled_head import (PaddingFreeCollator, TailTrimmingCollator, add_labelled_head,
+                                           attention_crossover, labelled_nll, trim_unlabelled_tail)
 from llm_caption.llm.models import load_model, train_chat_template
 from llm_fixtures import base_model, finetuning_cfg, model_spec, tokenizer  # noqa: F401 (fixtures)
 
@@ -154,6 +154,50 @@ def test_padding_free_collator_starts_every_conversation_unlabelled_trims_tails_
     assert padded == [{"input_ids": [1, 2], "labels": [-100, 2], "extra": 7}]
     with pytest.raises(ValueError, match="differ in length"):
         PaddingFreeCollator()([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_collator_pads_rows_of_one_length_and_lays_ragged_rows_end_to_end():
+    """With a crossover the collator takes the cheaper layout per batch: rows of one length padded (no attention
+    over four rows at once), a long row among short ones end to end (no padding for the short ones)."""
+    collator = PaddingFreeCollator(pad_token_id=0, crossover=100.0)
+    even = [{"input_ids": list(range(1, 41)), "labels": list(range(1, 41))},
+            {"input_ids": list(range(1, 39)), "labels": list(range(1, 39))}]
+    batch = collator(even)
+    assert batch["input_ids"].shape == (2, 40) and "position_ids" not in batch
+    assert batch["attention_mask"].tolist()[1] == [1] * 38 + [0, 0]
+    assert batch["input_ids"].tolist()[1][-2:] == [0, 0] and batch["labels"].tolist()[1][-2:] == [-100, -100]
+    assert batch["labels"].tolist()[0] == list(range(1, 41))  # a padded row keeps its first label (nothing before)
+    ragged = [{"input_ids": list(range(1, 41)), "labels": list(range(1, 41))},
+              {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}]
+    assert collator(ragged)["input_ids"].shape == (1, 43)
+    assert collator.layouts == {"padding_free": 1, "padded": 1}
+    assert PaddingFreeCollator()(even)["input_ids"].shape == (1, 78)  # without a crossover: always end to end
+
+
+def test_attention_crossover_reads_the_model_config(model_and_data):
+    name, model, _, _ = model_and_data
+    config = getattr(model.config, "text_config", None) or model.config
+    embeddings = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embeddings
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    assert attention_crossover(model) == pytest.approx(body / (2 * 2 * config.num_hidden_layers * width))
+    assert attention_crossover(torch.nn.Linear(2, 2)) is None
+
+
+def test_padded_and_padding_free_layouts_give_the_same_losses(model_and_data):
+    """The two layouts of one batch: the same summed loss (fp32, 1e-5 per token) and the same gradients."""
+    name, model, tok, rows = model_and_data
+    add_labelled_head(model)
+    model.eval()
+    free = PaddingFreeCollator()(rows)
+    padded = PaddingFreeCollator(pad_token_id=tok.pad_token_id or 0, crossover=1e-9)(rows)  # ~all attention: pads
+    assert padded["input_ids"].shape[0] == len(rows)
+    n = int((free["labels"] != IGNORE_INDEX).sum())
+    assert n == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        loss_free = model(**free, labelled_head=True, num_items_in_batch=n).loss
+        loss_padded = model(**padded, labelled_head=True, num_items_in_batch=n).loss
+    assert abs(float(loss_free) - float(loss_padded)) <= 1e-5, (name, float(loss_free), float(loss_padded))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "loha"])

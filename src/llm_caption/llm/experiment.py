@@ -32,7 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -417,13 +417,19 @@ def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[st
         model = build_method(copy.deepcopy(base.get()), method_cfg, MethodContext(tokenizer=tokenizer, seed=seed))
     trainable, total = count_parameters(model)
     main = distributed.is_main_process()
+    # The eval split is scored once, after training, by score_characters (loss per token and bits/char), not
+    # again by the trainer.
     if select_on_dev:
         result = train_method(model, tokenizer, data.train_ds, data.dev_ds, training, ckpt_root / method, seed,
-                              train=trains, report_ds=data.eval_ds)
+                              train=trains, report_ds=data.eval_ds, eval_at_end=False)
     else:
         result = train_method(model, tokenizer, data.train_ds, data.eval_ds, training, ckpt_root / method, seed,
-                              train=trains)
+                              train=trains, eval_at_end=False)
     chars = score_characters(model, tokenizer, data.eval_ds)
+    history = list(result.loss_history)
+    if trains and not select_on_dev:
+        history.append({"step": result.global_step, "split": "eval", "loss": chars.loss_per_token})
+    result = replace(result, eval_loss=chars.loss_per_token, loss_history=history)
     dev_chars = score_characters(model, tokenizer, data.dev_ds).bits_per_character if data.dev_ds is not None else float("nan")
     conversations = [p["conversation"] for p in prompts]
     if trains:

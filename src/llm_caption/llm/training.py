@@ -44,6 +44,7 @@ class TrainResult:
     resumed_from: str | None
     loss_history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = 0  # with early stopping: the step whose checkpoint was kept (0 otherwise)
+    global_step: int = 0  # the trainer's step count at the end (resumed steps included)
 
     @property
     def perplexity(self) -> float:
@@ -81,21 +82,28 @@ def peak_memory_mb(interval_s: float = 0.05) -> Iterator[dict[str, float]]:
         out["peak"] = max(peak[0], process.memory_info().rss) / 2**20
 
 
-def labelled_head_trainer(padding_free: bool):
+def labelled_head_trainer(padding_free: bool | str):
     """An ``SFTTrainer`` subclass whose loss is :mod:`.labelled_head`'s: the output layer over labelled positions
     only, under the Trainer's autocast, cross-entropy in fp32; nothing else computed per step (TRL's per-step
-    entropy and token accuracy over the logits are not). ``padding_free``: batches without padding
-    (:class:`.labelled_head.PaddingFreeCollator`) for every method but prompt learning. Every batch leaves out the
-    tokens after a conversation's last labelled token (they change no scored position)."""
+    entropy and token accuracy over the logits are not). ``padding_free`` (every method but prompt learning):
+    ``true``, each batch laid out the cheaper way (:class:`.labelled_head.PaddingFreeCollator`: its conversations
+    end to end in one row, or padded when they are of about one length); ``"always"``, always end to end;
+    ``false``, TRL's padded batches. Every batch leaves out the tokens after a conversation's last labelled token
+    (they change no scored position)."""
     from trl import SFTTrainer
 
-    from .labelled_head import PaddingFreeCollator, TailTrimmingCollator, add_labelled_head, is_prompt_learning
+    from .labelled_head import (PaddingFreeCollator, TailTrimmingCollator, add_labelled_head, attention_crossover,
+                                is_prompt_learning)
 
     class LabelledHeadTrainer(SFTTrainer):
         def __init__(self, model, *args, **kwargs):
-            packed = padding_free and not is_prompt_learning(model)
-            if packed:
-                kwargs.setdefault("data_collator", PaddingFreeCollator())
+            packed = bool(padding_free) and not is_prompt_learning(model)
+            if packed and "data_collator" not in kwargs:
+                choose = padding_free != "always"
+                tokenizer = kwargs.get("processing_class")
+                kwargs["data_collator"] = PaddingFreeCollator(
+                    pad_token_id=getattr(tokenizer, "pad_token_id", None) if choose else None,
+                    crossover=attention_crossover(model) if choose else None)
             super().__init__(model, *args, **kwargs)
             if not packed:  # TRL's padding collator, on rows cut after their last labelled token
                 self.data_collator = TailTrimmingCollator(self.data_collator)
@@ -240,6 +248,19 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
+def no_eval_at_last_step():
+    """A ``TrainerCallback`` that cancels the evaluation ``eval_steps`` would run after the last step."""
+    from transformers import TrainerCallback
+
+    class NoEvalAtLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_evaluate = False
+            return control
+
+    return NoEvalAtLastStep()
+
+
 def final_eval(trainer) -> dict[str, float] | None:
     """The eval metrics the trainer already logged at its last step (``eval_steps`` divides ``max_steps``), if any:
     evaluating the same weights on the same split again would only cost time."""
@@ -260,7 +281,8 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any], output_dir: str | Path,
-                 seed: int, train: bool = True, callbacks: list | None = None, report_ds=None) -> TrainResult:
+                 seed: int, train: bool = True, callbacks: list | None = None, report_ds=None,
+                 eval_at_end: bool = True) -> TrainResult:
     """Train ``model`` (its ``requires_grad`` parameters) and evaluate it; ``train=False`` only evaluates.
 
     ``report_ds``: the split the returned eval loss is measured on, when it is not ``eval_ds`` (the release
@@ -269,20 +291,27 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
 
     ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...), ``resume``
     (continue from the last checkpoint in ``output_dir`` when there is one) and ``padding_free`` (default true:
-    batches without padding, see :func:`labelled_head_trainer`). ``callbacks`` are
+    each batch without padding when that is cheaper, see :func:`labelled_head_trainer`). ``callbacks`` are
     extra ``transformers.TrainerCallback`` objects (e.g. the benchmarks' step clock).
+
+    ``eval_at_end=False``: no evaluation of ``eval_ds`` (or ``report_ds``) after the last step, for a caller
+    that scores that split itself (the study's :func:`.scoring.score_characters` pass gives the same loss per
+    token): the returned ``eval_loss`` is then NaN. Evaluations every ``eval_steps`` before the last step (and
+    every dev evaluation early stopping needs) still run.
     """
     from transformers import set_seed
 
     set_seed(seed)
     resume = last_checkpoint(output_dir) if training.get("resume", True) and train else None
     config = sft_config(training, output_dir, seed, gradient_checkpointing=bool(training.get("gradient_checkpointing", False)))
-    trainer_class = labelled_head_trainer(bool(training.get("padding_free", True)))
+    trainer_class = labelled_head_trainer(training.get("padding_free", True))
     callbacks = list(callbacks or [])
     if training.get("early_stopping_patience"):
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(training["early_stopping_patience"])))
+    if not eval_at_end and report_ds is None:
+        callbacks.append(no_eval_at_last_step())
     trainer = trainer_class(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=callbacks)
     with peak_memory_mb() as memory:
@@ -296,7 +325,9 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
             trainer.train(resume_from_checkpoint=resume)
             tokens = float(trainer.state.num_input_tokens_seen or 0)
         train_time = time.perf_counter() - start
-        if report_ds is not None:
+        if not eval_at_end:
+            metrics = {"eval_loss": float("nan")}
+        elif report_ds is not None:
             metrics = trainer.evaluate(eval_dataset=report_ds)
         else:
             metrics = final_eval(trainer) if train else None
@@ -308,7 +339,7 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
     steps = trainer.state.global_step - start_step if train else 0
     history = loss_history(trainer.state.log_history)
     if report_ds is not None:  # the last eval is the report split's; the others are the dev split's
-        if history and history[-1]["split"] == "eval":
+        if eval_at_end and history and history[-1]["split"] == "eval":
             history = history[:-1]
         history = [{**e, "split": "dev"} if e["split"] == "eval" else e for e in history]
     if history and history[-1]["split"] == "eval" and not train:
@@ -326,4 +357,5 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
         resumed_from=resume,
         loss_history=history,
         best_step=int(getattr(trainer.state, "best_global_step", None) or 0) if train else 0,
+        global_step=int(trainer.state.global_step) if train else 0,
     )
