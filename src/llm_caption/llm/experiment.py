@@ -51,7 +51,7 @@ from .methods import MethodContext, build_method, count_parameters
 from .models import load_model, load_tokenizer, train_chat_template
 from .scoring import score_characters
 from .text_metrics import persian_share
-from .training import TrainResult, train_method
+from .training import TrainResult, train_method, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -220,17 +220,32 @@ def method_fingerprint(study: str, method: str, method_cfg: Mapping[str, Any], t
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_finished(method_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The finished result saved in ``method_dir`` when its fingerprint matches (and its adapter is there)."""
-    path = method_dir / RESULT_FILE
+def read_saved(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The JSON object saved at ``path`` by :func:`write_saved` when its fingerprint is ``fingerprint`` (None when
+    missing, unreadable or saved for another configuration)."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        logger.warning("Ignoring unreadable finished result %s: %s", path, error)
+        logger.warning("Ignoring unreadable saved result %s: %s", path, error)
         return None
-    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+    return saved if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+
+
+def write_saved(path: Path, fingerprint: str, payload: Mapping[str, Any]) -> None:
+    """Save ``payload`` with its fingerprint as JSON at ``path`` (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, **payload}, ensure_ascii=False, default=float),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_finished(method_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The finished result saved in ``method_dir`` when its fingerprint matches (and its adapter is there)."""
+    saved = read_saved(method_dir / RESULT_FILE, fingerprint)
+    if saved is None:
         return None
     adapter_dir = (saved.get("row") or {}).get("adapter_dir")
     if adapter_dir and not Path(adapter_dir).is_dir():
@@ -240,13 +255,8 @@ def read_finished(method_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 
 def write_finished(method_dir: Path, fingerprint: str, row: dict[str, Any], losses: list[dict[str, Any]],
                    generations: list[dict[str, Any]]) -> None:
-    """Save a finished method's row, loss history and answers (a temporary file renamed into place)."""
-    method_dir.mkdir(parents=True, exist_ok=True)
-    path = method_dir / RESULT_FILE
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    payload = {"fingerprint": fingerprint, "row": row, "losses": losses, "generations": generations}
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, default=float), encoding="utf-8")
-    os.replace(tmp, path)
+    """Save a finished method's row, loss history and answers."""
+    write_saved(method_dir / RESULT_FILE, fingerprint, {"row": row, "losses": losses, "generations": generations})
 
 
 def one_line(error: BaseException) -> str:
@@ -425,12 +435,14 @@ def _run_method(method: str, method_cfg: Mapping[str, Any], training: Mapping[st
     else:
         result = train_method(model, tokenizer, data.train_ds, data.eval_ds, training, ckpt_root / method, seed,
                               train=trains, eval_at_end=False)
-    chars = score_characters(model, tokenizer, data.eval_ds)
+    scored_in_bf16 = uses_bf16(training)  # like training and the trainer's evaluations: ~2.5x faster than fp32
+    chars = score_characters(model, tokenizer, data.eval_ds, bf16=scored_in_bf16)
     history = list(result.loss_history)
     if trains and not select_on_dev:
         history.append({"step": result.global_step, "split": "eval", "loss": chars.loss_per_token})
     result = replace(result, eval_loss=chars.loss_per_token, loss_history=history)
-    dev_chars = score_characters(model, tokenizer, data.dev_ds).bits_per_character if data.dev_ds is not None else float("nan")
+    dev_chars = (score_characters(model, tokenizer, data.dev_ds, bf16=scored_in_bf16).bits_per_character
+                 if data.dev_ds is not None else float("nan"))
     conversations = [p["conversation"] for p in prompts]
     if trains:
         answers, ended = generate_answers(model, tokenizer, conversations, cfg.get("generation") or {},

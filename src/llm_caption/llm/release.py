@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -36,7 +35,8 @@ import pandas as pd
 from .. import distributed
 from .adapters import load_finetuned
 from .experiment import (RELEASE_COLUMNS, BaseModel, MethodData, _generation_rows, answer_metrics, generation_batch,
-                         generation_prompts, method_fingerprint, method_settings, read_finished, run_or_fail)
+                         generation_prompts, method_fingerprint, method_settings, read_finished, read_saved,
+                         run_or_fail, write_saved)
 from .generation import generate_answers
 from .registration import best_method
 
@@ -101,11 +101,11 @@ def run_release(results: pd.DataFrame, base: BaseModel, data: MethodData, chat_t
         logger.info("[release] finished %s for this configuration found in %s: not retrained", name, out_root / name)
     row = {"world_size": 1, **finished["row"], "stage": "release"}
 
-    final = _read_final(out_root / name, fingerprint) if reuse else None
+    final = read_saved(out_root / name / FINAL_FILE, _final_key(fingerprint)) if reuse else None
     if final is None and str(row.get("status")) == "ok":
         final = _measure_final(results, champion, row, base, data, prompts, cfg)
         if distributed.is_main_process():
-            _write_final(out_root / name, fingerprint, final)
+            write_saved(out_root / name / FINAL_FILE, _final_key(fingerprint), final)
     table = pd.DataFrame((final or {}).get("table", []), columns=RELEASE_COLUMNS)
     logger.info("[release] stage done in %.0f s (parts reused from earlier runs count 0)", time.perf_counter() - start)
     gc.collect()
@@ -140,23 +140,6 @@ def _table_row(role: str, row: Mapping[str, Any], measures: Mapping[str, Any]) -
     out.update(measures)
     out["role"] = role
     return out
-
-
-def _read_final(folder: Path, fingerprint: str) -> dict[str, Any] | None:
-    path = folder / FINAL_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) and saved.get("fingerprint") == _final_key(fingerprint) else None
-
-
-def _write_final(folder: Path, fingerprint: str, final: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"fingerprint": _final_key(fingerprint), **final}
-    tmp = folder / f"{FINAL_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, default=float), encoding="utf-8")
-    tmp.replace(folder / FINAL_FILE)
 
 
 def _final_key(fingerprint: str) -> str:

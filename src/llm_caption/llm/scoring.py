@@ -60,29 +60,47 @@ def assistant_characters(tokenizer, labels: Sequence[int]) -> int:
     return sum(len(tokenizer.decode(span, skip_special_tokens=True)) for span in labelled_spans(labels))
 
 
-def score_characters(model, tokenizer, dataset) -> CharacterScore:
+def score_characters(model, tokenizer, dataset, batch_size: int = 8, bf16: bool = False) -> CharacterScore:
     """Summed assistant-token loss of ``model`` over the tokenized conversations of ``dataset`` (rows with
-    ``input_ids`` and ``labels``), one conversation per forward pass (no padding), in the model's dtype, the output
-    layer applied to the scored positions only (:mod:`.labelled_head`; the same loss as the full projection)."""
-    from .labelled_head import add_labelled_head
+    ``input_ids`` and ``labels``), in the model's dtype, the output layer applied to the scored positions only
+    (:mod:`.labelled_head`; the same loss as the full projection).
+
+    Conversations are scored ``batch_size`` at a time, sorted by length and padded on the right to the longest of
+    their batch (attention mask; padding is neither attended to nor scored), each cut after its last labelled
+    token (nothing after it changes a scored position): every conversation gets the loss it gets alone, to float
+    rounding (tested). ``bf16``: under bf16 autocast, as training runs (for CPUs with native bf16; the
+    cross-entropy stays fp32): faster, the loss within bf16 rounding of fp32 (tested)."""
+    from contextlib import nullcontext
+
+    from .labelled_head import add_labelled_head, trim_unlabelled_tail
 
     add_labelled_head(model)
+    rows = [trim_unlabelled_tail(row) for row in dataset]
+    rows = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"][1:])]
+    rows.sort(key=lambda row: len(row["input_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     nats, tokens, characters = 0.0, 0, 0
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for row in dataset:
-                ids = torch.tensor([row["input_ids"]], device=device)
-                labels = torch.tensor([row["labels"]], device=device)
-                n_scored = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the causal shift drops position 0
-                if n_scored == 0:
-                    continue
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, labelled_head=True)
-                nats += float(out.loss) * n_scored
-                tokens += n_scored
-                characters += assistant_characters(tokenizer, row["labels"][1:])
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with torch.no_grad(), autocast:
+            for start in range(0, len(rows), max(1, int(batch_size))):
+                batch = rows[start:start + max(1, int(batch_size))]
+                length = max(len(row["input_ids"]) for row in batch)
+                ids = torch.tensor([r["input_ids"] + [pad] * (length - len(r["input_ids"])) for r in batch],
+                                   device=device)
+                labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (length - len(r["labels"])) for r in batch],
+                                      device=device)
+                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in batch],
+                                    device=device)
+                # num_items_in_batch=1: the loss is the batch's summed NLL (the causal shift drops position 0)
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, labelled_head=True,
+                            num_items_in_batch=1)
+                nats += float(out.loss)
+                tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                characters += sum(assistant_characters(tokenizer, r["labels"][1:]) for r in batch)
     finally:
         model.train(was_training)
     return CharacterScore(nats=nats, tokens=tokens, characters=characters)

@@ -119,6 +119,12 @@ def labelled_head_trainer(padding_free: bool | str):
     return LabelledHeadTrainer
 
 
+def uses_bf16(training: Mapping[str, Any]) -> bool:
+    """Whether training with ``training`` runs under bf16 autocast (as :func:`sft_config` decides: asked for, and a
+    GPU or a CPU with native bf16)."""
+    return bool(training.get("bf16")) and (torch.cuda.is_available() or cpu_supports_bf16())
+
+
 def sft_config(training: Mapping[str, Any], output_dir: str | Path, seed: int, gradient_checkpointing: bool):
     """The ``SFTConfig`` for our settings: CPU-safe defaults (fp32 unless ``bf16`` is asked for, no gradient
     checkpointing unless asked, no external reporters), overridable by the ``training`` block."""
