@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 PIPELINES = "data_engineering,llm_finetuning,caption_training"  # the smallest set that registers both models
 # One fine-tuning method keeps the run short; the captioners train as in smoke (three architectures, 2 epochs).
 PARAMS = "llm_finetuning.methods_to_run=[lora]"
-MODELS = ("persian-chat-adapter", "image-captioner")
+MODELS = ("persian-chat-quickstart", "image-captioner")  # what the base config (the team env) registers
 
 
 def team_project(dest: Path) -> Path:
@@ -167,7 +167,7 @@ def test_smoke_pipelines_tracked_and_registered_on_the_team_server(tmp_path, mon
             assert champion.tags["metric_name"] and champion.tags["champion_decision"].startswith("promoted")
             files = s3_keys(server, s3_key(client.get_model_version_download_uri(name, champion.version)) + "/")
             assert any(f.endswith("/MLmodel") for f in files), (name, sorted(files)[:10])
-        assert str(client.get_model_version_by_alias("persian-chat-adapter", "champion").version) == \
+        assert str(client.get_model_version_by_alias("persian-chat-quickstart", "champion").version) == \
             str(decision["version"])
 
         # The registry command finds the same server through the team env (URI and account from the environment).

@@ -1,12 +1,13 @@
 """Chat with a fine-tuned model from the command line.
 
     python -m llm_caption.chat --model-uri models:/persian-chat-adapter@champion "سلام، حالت چطوره؟"
-    python -m llm_caption.chat --model-uri models:/persian-chat-study@champion "سلام، حالت چطوره؟"
+    python -m llm_caption.chat --model-uri models:/persian-chat-quickstart@champion "سلام، حالت چطوره؟"
     python -m llm_caption.chat --method lora "سلام، حالت چطوره؟"      # a local adapter of llm_finetuning
 
-Each study registers under its own name (``llm_finetuning.registry.model_name``): ``make run`` / ``kedro run``
-(Gemma-3-270m on chatterbot-corpus's Persian) as ``persian-chat-adapter``, ``kedro run --env=persian_study`` (the
-Persian instruction set, with its release model) as ``persian-chat-study``; ``@champion`` is each one's best.
+Each study registers under its own name (``llm_finetuning.registry.model_name``): ``kedro run --env=persian_study``
+(the Persian instruction set, with its release model: the project's chat model) as ``persian-chat-adapter``,
+``make run`` / ``kedro run`` (a quick Gemma-3-270m tuning on chatterbot-corpus's Persian) as
+``persian-chat-quickstart``; ``@champion`` is each one's best.
 
 Run from the project root: the MLflow store is the one ``kedro run --env ENV`` uses
 (``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``; ``--env smoke``: ``mlruns/smoke.db``)
@@ -48,8 +49,8 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm_caption.chat", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-uri", help="MLflow model URI: models:/persian-chat-adapter@champion after make run, "
-                                            "models:/persian-chat-study@champion after kedro run --env=persian_study")
+    source.add_argument("--model-uri", help="MLflow model URI: models:/persian-chat-adapter@champion after kedro run "
+                                            "--env=persian_study, models:/persian-chat-quickstart@champion after make run")
     source.add_argument("--method", help="name of a method saved by llm_finetuning under --adapters-dir")
     parser.add_argument("message", help="the user's message")
     parser.add_argument("--adapters-dir", default="data/06_models/llm", help="where llm_finetuning saved methods")

@@ -173,9 +173,9 @@ def test_the_release_needs_a_dev_split(tiny_gemma_spec, tmp_path, store):
 def test_each_study_registers_under_its_own_name_in_its_config():
     base = load_conf("conf/base/parameters_llm_finetuning.yml")["llm_finetuning"]
     study = load_conf("conf/persian_study/parameters_llm_finetuning.yml")["llm_finetuning"]
-    assert base["registry"]["model_name"] == "persian-chat-adapter"
-    assert study["registry"]["model_name"] == "persian-chat-study"
+    assert base["registry"]["model_name"] == "persian-chat-quickstart"
+    assert study["registry"]["model_name"] == "persian-chat-adapter"
     assert study["release"]["enabled"] and not base["release"]["enabled"]
     readme = (HERE.parents[1] / "README.md").read_text(encoding="utf-8")
-    for name in ("persian-chat-adapter", "persian-chat-study"):
+    for name in ("persian-chat-quickstart", "persian-chat-adapter"):
         assert f"models:/{name}@champion" in readme

@@ -86,7 +86,7 @@ def test_smoke_run_measures_registers_and_tracks_every_method(kedro_project):
     assert decision["method"] == best["method"] and decision["promoted"] is True
     assert decision["metric"] == "dev_bits_per_char" and decision["value"] == best["dev_bits_per_char"]
     assert "release" not in decision  # the release stage is off in the smoke config
-    champion = client.get_model_version_by_alias("persian-chat-adapter", "champion")
+    champion = client.get_model_version_by_alias("persian-chat-quickstart", "champion")
     assert str(champion.version) == decision["version"]
 
 
@@ -97,7 +97,7 @@ def test_two_studies_in_one_store_keep_their_own_champions(kedro_project):
 
     study_name = load_conf("conf/persian_study/parameters_llm_finetuning.yml")["llm_finetuning"]["registry"]["model_name"]
     default_name = load_conf("conf/base/parameters_llm_finetuning.yml")["llm_finetuning"]["registry"]["model_name"]
-    assert (default_name, study_name) == ("persian-chat-adapter", "persian-chat-study")
+    assert (default_name, study_name) == ("persian-chat-quickstart", "persian-chat-adapter")
     smoke = data_root(kedro_project, "smoke")
     write_smoke_chat_splits(smoke, n_train=16, n_test=6)
     run_pipeline(kedro_project, "llm_finetuning", env="smoke", params={"llm_finetuning": {"methods_to_run": ["base", "lora"]}})

@@ -1,4 +1,5 @@
-"""Register the best fine-tuned method as ``persian-chat-adapter`` and move ``champion`` only when earned.
+"""Register the best fine-tuned method (``registry.model_name``: ``persian-chat-adapter`` for the Persian study,
+``persian-chat-quickstart`` for the default run) and move ``champion`` only when earned.
 
 Methods are ranked by **bits per character** of the assistant text on the eval split (lower is better): unlike
 the per-token eval loss it means the same thing for models with different tokenizers, so an adapter of one model

@@ -330,6 +330,10 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
                 start_step = int(Path(resume).name.split("-")[-1])
             trainer.train(resume_from_checkpoint=resume)
             tokens = float(trainer.state.num_input_tokens_seen or 0)
+            layouts = getattr(trainer.data_collator, "layouts", None)
+            if layouts and sum(layouts.values()):
+                logger.info("Batches (training and evaluation): %d end to end, %d padded",
+                            layouts["padding_free"], layouts["padded"])
         train_time = time.perf_counter() - start
         if not eval_at_end:
             metrics = {"eval_loss": float("nan")}
