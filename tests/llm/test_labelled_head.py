@@ -216,3 +216,20 @@ def test_labelled_head_through_peft_methods_equals_their_own_loss(method, model_
         full = float(peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss)
         fast = float(peft_model(input_ids=ids, attention_mask=mask, labels=labels, labelled_head=True).loss)
     assert abs(fast - full) <= 1e-5, (name, method, fast, full)
+
+
+def test_a_copy_of_a_patched_model_runs_its_own_weights(model_and_data):
+    """Generation merges adapters into a deep copy: the copy's forward (without the flag) must use the copy's
+    weights, not those of the model it was copied from."""
+    import copy
+
+    name, model, _, rows = model_and_data
+    add_labelled_head(model)
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([rows[0]["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(input_ids=ids).logits, before), name
+        assert torch.equal(model(input_ids=ids).logits, before)

@@ -103,6 +103,9 @@ def add_labelled_head(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(target, "_llm_caption_labelled_head", False):
         return model
     original = target.forward
+    # The original forward is called on the model it runs for, not on ``target``: a deep copy of a patched model
+    # (generation merges adapters into a copy) must run the copy's weights, not the original's.
+    original_func = original.__func__ if getattr(original, "__self__", None) is target else None
     softcap, scale = _logit_transform(target.config)
     backbone_name = getattr(target, "base_model_prefix", "model")
 
@@ -114,7 +117,7 @@ def add_labelled_head(model: torch.nn.Module) -> torch.nn.Module:
                 kwargs["labels"] = labels
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
-            return original(*args, **kwargs)
+            return original_func(self, *args, **kwargs) if original_func is not None else original(*args, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         if labels is None:
