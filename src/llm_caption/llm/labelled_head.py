@@ -238,8 +238,17 @@ class PaddingFreeCollator:
                 "position_ids": torch.tensor([positions], dtype=torch.long)}
 
     def padded(self, rows: Sequence[Mapping[str, list[int]]], length: int) -> dict[str, torch.Tensor]:
-        ids = [r["input_ids"] + [self.pad_token_id] * (length - len(r["input_ids"])) for r in rows]
-        labels = [r["labels"] + [IGNORE_INDEX] * (length - len(r["labels"])) for r in rows]
-        mask = [[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in rows]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-                "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return pad_right(rows, self.pad_token_id, length)
+
+
+def pad_right(rows: Sequence[Mapping[str, list[int]]], pad_token_id: int, length: int | None = None,
+              device=None) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``labels`` and ``attention_mask`` of ``rows`` padded on the right to ``length`` (default: the
+    longest row): ``pad_token_id`` in the ids, ``-100`` in the labels, 0 in the mask."""
+    length = max(len(r["input_ids"]) for r in rows) if length is None else length
+    ids = [r["input_ids"] + [pad_token_id] * (length - len(r["input_ids"])) for r in rows]
+    labels = [r["labels"] + [IGNORE_INDEX] * (length - len(r["labels"])) for r in rows]
+    mask = [[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in rows]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+            "labels": torch.tensor(labels, dtype=torch.long, device=device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=device)}

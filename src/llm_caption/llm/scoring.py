@@ -72,7 +72,7 @@ def score_characters(model, tokenizer, dataset, batch_size: int = 8, bf16: bool 
     cross-entropy stays fp32): faster, the loss within bf16 rounding of fp32 (tested)."""
     from contextlib import nullcontext
 
-    from .labelled_head import add_labelled_head, trim_unlabelled_tail
+    from .labelled_head import add_labelled_head, pad_right, trim_unlabelled_tail
 
     add_labelled_head(model)
     rows = [trim_unlabelled_tail(row) for row in dataset]
@@ -86,15 +86,11 @@ def score_characters(model, tokenizer, dataset, batch_size: int = 8, bf16: bool 
     try:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with torch.no_grad(), autocast:
-            for start in range(0, len(rows), max(1, int(batch_size))):
-                batch = rows[start:start + max(1, int(batch_size))]
-                length = max(len(row["input_ids"]) for row in batch)
-                ids = torch.tensor([r["input_ids"] + [pad] * (length - len(r["input_ids"])) for r in batch],
-                                   device=device)
-                labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (length - len(r["labels"])) for r in batch],
-                                      device=device)
-                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in batch],
-                                    device=device)
+            step = max(1, int(batch_size))
+            for start in range(0, len(rows), step):
+                batch = rows[start:start + step]
+                padded = pad_right(batch, pad, device=device)
+                ids, labels, mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
                 # num_items_in_batch=1: the loss is the batch's summed NLL (the causal shift drops position 0)
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, labelled_head=True,
                             num_items_in_batch=1)
