@@ -64,8 +64,9 @@ def solid_image(path: Path, colour=(200, 30, 30), size: int = 64) -> Path:
     return path
 
 
-def tiny_captioner(root: Path, n_images: int = 8, steps: int = 80) -> dict:
-    """A small Show-and-Tell captioner trained briefly on real features of a few scenes (real encoder weights).
+def tiny_captioner(root: Path, n_images: int = 8, steps: int = 80, architecture: str = "show_tell") -> dict:
+    """A small Show-and-Tell (or ``show_attend_tell``) captioner trained briefly on real features of a few scenes
+    (real encoder weights).
 
     Returns ``decoder``, ``config``, ``vocab``, ``encoder_weights`` and ``image_paths`` for pyfunc tests.
     """
@@ -84,8 +85,10 @@ def tiny_captioner(root: Path, n_images: int = 8, steps: int = 80) -> dict:
     first = inputs["captions_encoded"].groupby("image_id").head(1).set_index("image_id").loc[images["image_id"]]
     tokens = torch.tensor([list(t) for t in first["token_ids"]])
     kwargs = {"embed_dim": 32, "hidden_dim": 64, "dropout": 0.0}
+    if architecture == "show_attend_tell":
+        kwargs["attention_dim"] = 32
     torch.manual_seed(0)
-    decoder = build_decoder("show_tell", len(inputs["caption_vocab"]["itos"]), 1280, **kwargs)
+    decoder = build_decoder(architecture, len(inputs["caption_vocab"]["itos"]), 1280, **kwargs)
     opt = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
     x = torch.from_numpy(feats[:, 0]).float()
     for _ in range(steps):
@@ -93,7 +96,7 @@ def tiny_captioner(root: Path, n_images: int = 8, steps: int = 80) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    config = {"architecture": "show_tell", "decoder": kwargs, "encoder": {"name": "efficientnet_lite0"},
+    config = {"architecture": architecture, "decoder": kwargs, "encoder": {"name": "efficientnet_lite0"},
               "transform_spec": inputs["image_transform_spec"],
               "decoding": {"beam_size": 2, "max_len": 16, "length_penalty": 0.7}}
     return {"decoder": decoder.eval(), "config": config, "vocab": inputs["caption_vocab"], "encoder_weights": weights,

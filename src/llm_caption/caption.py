@@ -127,7 +127,40 @@ def load_registered(store_uri: str, model_uri: str):
 
     mlflow.set_tracking_uri(store_uri)
     mlflow.set_registry_uri(store_uri)
+    if folder is None:  # not found in a local store: a clear error if it does not exist
+        check_model_uri(model_uri)
     return mlflow.pyfunc.load_model(folder or model_uri, suppress_warnings=True)
+
+
+def check_model_uri(uri: str) -> None:
+    """Fail with a clear message when a ``models:/name@alias`` or ``models:/name/version`` URI does not resolve in
+    the registry MLflow is set to."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("models:/"):
+        return
+    ref = uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            client.get_model_version(name, version)
+        elif not ref.startswith("m-"):
+            client.get_registered_model(ref)
+    except MlflowException as error:
+        raise SystemExit(f"error: model URI {uri!r} does not exist in the MLflow store "
+                         f"{client._registry_uri}: {error.message.splitlines()[0]}") from None
+
+
+def mlflow_refusal() -> type[Exception]:
+    """The exception type with which a model loaded through MLflow refuses a request (``MlflowException``)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
 
 
 def rows_per_request(model) -> int:

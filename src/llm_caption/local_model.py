@@ -19,11 +19,11 @@ class LocalContext:
         self.artifacts = artifacts
 
 
-def read_pyfunc_folder(folder: str | Path, module: str, class_name: str,
-                       artifact_names: Collection[str]) -> tuple[dict[str, Any], dict[str, str]] | None:
+def read_pyfunc_folder(folder: str | Path, module: str, class_name: str, artifact_names: Collection[str],
+                       optional_names: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, str]] | None:
     """``(MLmodel metadata, artifact paths by name)`` of the model folder ``folder`` when it holds a python model
     pickled as ``module.class_name`` (loaded by ``mlflow.pyfunc.model``, no ``code`` to import) with exactly the
-    artifacts ``artifact_names``, every path inside the folder. None otherwise (another kind of model, an
+    artifacts ``artifact_names`` (and any of ``optional_names``), every path inside the folder. None otherwise (another kind of model, an
     unreadable or partial folder, a path leading out of the folder)."""
     import pickletools
 
@@ -42,6 +42,7 @@ def read_pyfunc_folder(folder: str | Path, module: str, class_name: str,
     except (OSError, KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError):
         return None
     if (flavor.get("loader_module") != "mlflow.pyfunc.model" or flavor.get("code")
-            or strings[:2] != [module, class_name] or set(artifacts) != set(artifact_names)):
+            or strings[:2] != [module, class_name]
+            or not set(artifact_names) <= set(artifacts) <= set(artifact_names) | set(optional_names)):
         return None
     return meta, artifacts

@@ -243,6 +243,63 @@ def list_models(client: MlflowClient | None = None) -> list[dict]:
     return out
 
 
+def showcase_versions(name: str, group_tag: str, client: MlflowClient | None = None) -> list[dict]:
+    """The versions of ``name`` worth showing side by side: every version holding an alias and the newest version
+    of each value of tag ``group_tag`` (e.g. ``architecture``), champion first, then newest first. Each: version,
+    aliases, champion, group (the tag's value), metric_name, metric_value, model_uri (``models:/name/N``).
+    Empty when the model is not registered."""
+    client = client or MlflowClient()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return []
+    aliases = dict(model.aliases or {})
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: -int(v.version))
+    newest: dict[str, str] = {}
+    for v in versions:
+        newest.setdefault(v.tags.get(group_tag, ""), str(v.version))
+    shown = []
+    for v in versions:
+        held = sorted(a for a, ver in aliases.items() if str(ver) == str(v.version))
+        if held or newest.get(v.tags.get(group_tag, "")) == str(v.version):
+            shown.append({"version": str(v.version), "aliases": held, "champion": CHAMPION in held,
+                          "group": v.tags.get(group_tag, ""), "metric_name": v.tags.get("metric_name", ""),
+                          "metric_value": finite_metric(v.tags.get("metric_value")), "run_id": v.run_id or "",
+                          "model_uri": f"models:/{name}/{v.version}"})
+    return sorted(shown, key=lambda v: (not v["champion"], -int(v["version"])))
+
+
+def study_methods(model_name: str, alias: str = CHAMPION, client: MlflowClient | None = None) -> list[dict]:
+    """The methods of the study that produced ``model_name@alias``: the runs beside the registered version's run
+    under the same pipeline run, each trained one with its ``adapter`` artifact. Each: method, run_id,
+    bits_per_char, chrf_pp, adapter_uri (``runs:/ID/adapter``). Empty when there is no such version."""
+    client = client or MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, alias)
+        run = client.get_run(version.run_id)
+    except MlflowException:
+        return []
+    parent = run.data.tags.get("mlflow.parentRunId")
+    runs = (client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=200)
+            if parent else [run])
+    methods = []
+    for child in sorted(runs, key=lambda r: r.info.start_time or 0):
+        method = child.data.tags.get("llm_caption.method")
+        if not method or not [a for a in client.list_artifacts(child.info.run_id) if a.path == "adapter"]:
+            continue
+        metrics = child.data.metrics
+        methods.append({"method": method, "run_id": child.info.run_id,
+                        "bits_per_char": metrics.get("bits_per_char", math.nan),
+                        "chrf_pp": metrics.get("chrf_pp", math.nan),
+                        "adapter_uri": f"runs:/{child.info.run_id}/adapter"})
+    return methods
+
+
+def download(uri: str, dst: str | Path | None = None) -> Path:
+    """The local copy of an artifact URI (``runs:/...``, ``models:/...``): MLflow's download, a path on disk."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst)))
+
+
 def _format_metric(version: dict) -> str:
     if not version["metric_value"]:
         return "no metric recorded"

@@ -6,7 +6,7 @@ from kedro.config import OmegaConfigLoader
 
 from llm_caption.distributed import is_main_process
 from llm_caption.hooks import SecondaryRankHook, TorchThreadsHook, TrackingStoreHook, TrackingVariableHook
-from llm_caption.tracking import resolve_tracking_uri
+from llm_caption.tracking import CONFIG_LOADER_ARGS as TRACKING_CONFIG_LOADER_ARGS
 
 # No command should wait on a telemetry call to the network.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
@@ -27,15 +27,4 @@ HOOKS = (_TRACKING_STORE_HOOK, TrackingVariableHook(_TRACKING_STORE_HOOK), Torch
 DISABLE_HOOKS_FOR_PLUGINS = () if is_main_process() else ("kedro_mlflow", "kedro-mlflow")  # the name as installed
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
-CONFIG_LOADER_ARGS = {
-    "base_env": "base",
-    "default_run_env": "local",
-    # Environments (smoke, flickr8k, gpu, ...) override only the keys they name.
-    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
-    "config_patterns": {
-        "mlflow": ["mlflow*", "mlflow*/**"],
-    },
-    # mlflow.yml: ``${tracking_uri:DEFAULT}`` is $MLFLOW_TRACKING_URI when set, else DEFAULT, so the
-    # variable means the same store for `kedro run` and the command-line tools (llm_caption.tracking).
-    "custom_resolvers": {"tracking_uri": resolve_tracking_uri},
-}
+CONFIG_LOADER_ARGS = TRACKING_CONFIG_LOADER_ARGS  # in tracking.py, which reads mlflow.yml outside Kedro too

@@ -205,6 +205,22 @@ def resolve_tracking_uri(default: str) -> str:
     return os.environ.get(TRACKING_URI_ENV) or default
 
 
+# The project's config loader settings (settings.py hands them to Kedro; tracking_store_uri reads mlflow.yml
+# with them outside a Kedro session).
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # Environments (smoke, flickr8k, gpu, ...) override only the keys they name.
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
+    # mlflow.yml: ``${tracking_uri:DEFAULT}`` is $MLFLOW_TRACKING_URI when set, else DEFAULT, so the
+    # variable means the same store for `kedro run` and the command-line tools.
+    "custom_resolvers": {"tracking_uri": resolve_tracking_uri},
+}
+
+
 def tracking_uri(env: str | None = None, project_dir: str | Path = ".") -> str:
     """The MLflow store that ``kedro run --env=ENV`` uses in ``project_dir``.
 
@@ -218,8 +234,6 @@ def tracking_uri(env: str | None = None, project_dir: str | Path = ".") -> str:
     import warnings
 
     from kedro.config import OmegaConfigLoader
-
-    from .settings import CONFIG_LOADER_ARGS
 
     with warnings.catch_warnings():  # omegaconf's deprecation notice for Kedro's own resolvers
         warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated")

@@ -7,6 +7,7 @@ import mlflow
 
 from chat_fixtures import chat_frames
 from llm_caption.llm.experiment import run_methods
+from llm_caption.llm.release import run_release
 
 if __name__ == "__main__":
     setup = json.loads(open(sys.argv[1], encoding="utf-8").read())
@@ -14,4 +15,4 @@ if __name__ == "__main__":
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     train, test = chat_frames(12, 4)
-    run_methods(train, test, setup["cfg"], setup["spec"], seed=0)
+    run_methods(train, test, setup["cfg"], setup["spec"], seed=0, release=run_release)

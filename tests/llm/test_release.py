@@ -25,6 +25,7 @@ from llm_caption.llm.chat_format import (IGNORE_INDEX, choose_max_seq_len, label
                                          tokenize_conversation)
 from llm_caption.llm.experiment import RESULT_FILE, dev_split, run_methods
 from llm_caption.llm.models import train_chat_template
+from llm_caption.llm.release import run_release
 from llm_caption.pipelines.llm_finetuning.nodes import register_best_method
 from test_gemma import _child_runs, _study_cfg, store  # noqa: F401 (fixture)
 
@@ -77,7 +78,7 @@ def test_release_trains_only_the_best_dev_method_and_answers_every_test_question
     train, test = chat_frames(12, 4)
     methods = ["base", "prompt_tuning", "lora"]
     cfg = _release_cfg(tmp_path, methods)
-    tables = run_methods(train, test, cfg, tiny_gemma_spec, seed=0)
+    tables = run_methods(train, test, cfg, tiny_gemma_spec, seed=0, release=run_release)
     results = tables["llm_method_results"]
     study = results[results["stage"] == "study"]
     assert study["method"].tolist() == methods and (results["status"] == "ok").all()
@@ -107,7 +108,7 @@ def test_release_trains_only_the_best_dev_method_and_answers_every_test_question
     assert len(released) == len(test)
 
     # The same configuration again: nothing trained, generated or logged again.
-    again = run_methods(train, test, cfg, tiny_gemma_spec, seed=0)
+    again = run_methods(train, test, cfg, tiny_gemma_spec, seed=0, release=run_release)
     pd.testing.assert_frame_equal(again["llm_method_results"], results)
     pd.testing.assert_frame_equal(again["llm_release_results"], table)
     assert _child_runs(store) == runs
@@ -153,7 +154,7 @@ def test_a_release_killed_in_training_resumes_without_retraining_the_study(tiny_
 
     train, test = chat_frames(12, 4)
     with caplog.at_level(logging.INFO, logger="llm_caption"):
-        results = run_methods(train, test, cfg, tiny_gemma_spec, seed=0)["llm_method_results"]
+        results = run_methods(train, test, cfg, tiny_gemma_spec, seed=0, release=run_release)["llm_method_results"]
     assert results["method"].tolist() == ["base", "lora", "lora-release"] and (results["status"] == "ok").all()
     resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming from")]
     assert len(resumed) == 1 and "lora-release/checkpoint-" in resumed[0]
@@ -167,7 +168,7 @@ def test_the_release_needs_a_dev_split(tiny_gemma_spec, tmp_path, store):
     cfg = _release_cfg(tmp_path, ["base", "lora"])
     cfg["n_dev_conversations"] = 0
     with pytest.raises(ValueError, match="release needs a dev split"):
-        run_methods(train, test, cfg, tiny_gemma_spec, seed=0)
+        run_methods(train, test, cfg, tiny_gemma_spec, seed=0, release=run_release)
 
 
 def test_each_study_registers_under_its_own_name_in_its_config():

@@ -188,6 +188,29 @@ class Captioner:
                                  drop_finished=bool(dec.get("drop_finished", False)))
         return [" ".join(ids_to_words(t, self.itos)) for t in decoded.tokens]
 
+    @torch.inference_mode()
+    def caption_with_attention(self, image: Image.Image) -> tuple[str, list[str], torch.Tensor | None]:
+        """``(caption, words, attention)`` of one image: the same caption as :meth:`caption`; for a soft-attention
+        decoder (``show_attend_tell``) ``attention`` is ``[n_words, side, side]`` (where it looked for each word
+        over the encoder's grid), else None."""
+        from .decoding import decode_batched, ids_to_words
+
+        feats = self.encoder(self.transform(image).unsqueeze(0)).flatten(2).transpose(1, 2)
+        dec = self.config.get("decoding", {})
+        attends = str(self.config.get("architecture", "")).startswith("show_attend_tell")
+        decoded = decode_batched(self.decoder, feats, beam_size=int(dec.get("beam_size", 3)),
+                                 max_len=int(dec.get("max_len", 30)),
+                                 length_penalty=float(dec.get("length_penalty", 0.0)),
+                                 drop_finished=bool(dec.get("drop_finished", False)), return_alphas=attends)
+        words = ids_to_words(decoded.tokens[0], self.itos)
+        attention = None
+        if attends and decoded.alphas:
+            alphas = decoded.alphas[0][: len(words)].float()
+            side = int(round(alphas.shape[-1] ** 0.5))
+            if side * side == alphas.shape[-1]:
+                attention = alphas.reshape(len(words), side, side)
+        return " ".join(words), words, attention
+
     def caption(self, images: Sequence[Image.Image], batch_size: int = 16) -> list[str]:
         """Captions of PIL images, encoded ``batch_size`` at a time."""
         out: list[str] = []

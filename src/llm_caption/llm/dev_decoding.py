@@ -34,13 +34,16 @@ COLUMNS = ["candidate", "chrf_pp", "ended_rate", "test_persian_share", "answer_c
 
 
 def parse_candidate(text: str) -> dict[str, Any]:
-    """``"key=value,key=value"`` -> settings (values parsed like ``dev_sweep --set``); ``""`` is no change."""
+    """``"key=value,key=value"`` -> settings (values parsed like ``dev_sweep --set``, ``a:b`` a pair); ``""`` is
+    no change."""
     settings: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, raw = part.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--candidate takes key=value pairs separated by commas, got {part!r} in {text!r}")
-        settings[key.strip()] = parse_value(raw.strip())
+        raw = raw.strip()
+        # ``a:b`` is a pair (e.g. exponential_decay_length_penalty=32:1.05 -> [32, 1.05])
+        settings[key.strip()] = [parse_value(v) for v in raw.split(":")] if ":" in raw else parse_value(raw)
     return settings
 
 

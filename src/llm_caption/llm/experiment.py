@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -274,9 +274,11 @@ def failed_row(method: str, error: BaseException) -> dict[str, Any]:
 
 
 def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[str, Any],
-                model_spec: Mapping[str, Any], seed: int) -> dict[str, pd.DataFrame]:
+                model_spec: Mapping[str, Any], seed: int,
+                release: Callable[..., dict[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
     """Train, measure, save and track every selected method, then (``release.enabled``) train the best one again
-    as ``<method>-release`` (:mod:`.release`); return the result tables."""
+    as ``<method>-release`` with ``release`` (:func:`.release.run_release`, which the caller passes: that module
+    builds on this one); return the result tables."""
     if cfg.get("torch_num_threads"):
         torch.set_num_threads(int(cfg["torch_num_threads"]))
     distributed.ensure_process_group()
@@ -348,9 +350,10 @@ def run_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, cfg: Mapping[
                 len(plans), time.perf_counter() - study_start)
     release_table = pd.DataFrame(columns=RELEASE_COLUMNS)
     if (cfg.get("release") or {}).get("enabled"):
-        from .release import run_release
-
-        staged = run_release(pd.DataFrame(results, columns=RESULT_COLUMNS), base, data, chat_test, cfg, model_spec,
+        if release is None:
+            raise ValueError("llm_finetuning.release.enabled is true but no release stage was given to run_methods "
+                             "(pass llm_caption.llm.release.run_release)")
+        staged = release(pd.DataFrame(results, columns=RESULT_COLUMNS), base, data, chat_test, cfg, model_spec,
                              seed, study, out_root, ckpt_root)
         results.append(staged["row"])
         losses.extend(staged["losses"])

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .models import is_4bit
+from .models import STOP_TOKENS_ATTR, check_stop_tokens, is_4bit  # noqa: F401 - both re-exported
 
 logger = logging.getLogger(__name__)
 
-STOP_TOKENS_ATTR = "llm_caption_stop_tokens"  # the model spec's stop tokens, set on the tokenizer by load_tokenizer
 _MERGEABLE = {"LORA", "LOHA", "LOKR", "ADALORA", "IA3"}
 _SOFT_PROMPTS = {"PROMPT_TUNING", "P_TUNING"}
 
@@ -85,15 +85,6 @@ def _generate(model, enc: dict[str, torch.Tensor], settings: Mapping[str, Any], 
     return out[:, enc["input_ids"].shape[1]:]
 
 
-def check_stop_tokens(value: Any, where: str) -> list[str]:
-    """``value`` as a list of token strings (null: none); anything else is a ``ValueError`` naming ``where``."""
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(t, str) and t for t in value):
-        raise ValueError(f"{where} must be a list of token strings (e.g. ['<end_of_turn>']), got {value!r}"[:300])
-    return list(value)
-
-
 def stop_token_ids(tokenizer, stop_tokens: Sequence[str] = (), model=None) -> list[int]:
     """Ids generation stops at: the tokenizer's eos, the spec's stop tokens recorded on the tokenizer, then
     ``stop_tokens`` (duplicates dropped). A token string the tokenizer does not have is a ``ValueError``."""
@@ -118,16 +109,95 @@ def _until_stop(ids: torch.Tensor, stops: set[int]) -> list[int]:
     return next((row[:i] for i, t in enumerate(row) if t in stops), row)
 
 
+class _TextCallback:
+    """A ``generate`` streamer (one conversation) that hands each new piece of the answer's text to ``on_text`` as
+    soon as it is whole: the prompt is skipped, nothing from the first stop id on is shown, text ending in an
+    incomplete character or in white space waits for the next token. The pieces joined are the returned answer."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt ids first
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.stopped or int(token) in self.stop_ids:
+                self.stopped = True
+                break
+            self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def end(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        piece = text.strip()[self.shown:]  # stripped like the returned answer: trailing space waits
+        if piece:
+            self.shown += len(piece)
+            self.on_text(piece)
+
+
+def non_persian_tokens(tokenizer) -> torch.Tensor:
+    """Ids of the tokens that hold a letter of another script than Persian/Arabic (special and added tokens
+    excluded), worked out once per tokenizer."""
+    cached = getattr(tokenizer, "_llm_caption_non_persian", None)
+    if cached is not None:
+        return cached
+    from .text_metrics import is_persian_letter
+
+    special = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+    ids = []
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id in special or token.startswith("<0x"):
+            continue
+        if any(unicodedata.category(c).startswith("L") and not is_persian_letter(c) for c in token):
+            ids.append(token_id)
+    result = torch.tensor(sorted(ids), dtype=torch.long)
+    tokenizer._llm_caption_non_persian = result
+    return result
+
+
+class NonPersianPenalty:
+    """A logits processor: ``penalty`` subtracted from the logits of tokens that hold non-Persian letters
+    (:func:`non_persian_tokens`), so answers keep to Persian unless another script is much more likely."""
+
+    def __init__(self, token_ids: torch.Tensor, penalty: float) -> None:
+        self.token_ids = token_ids
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ids = self.token_ids[self.token_ids < scores.shape[-1]].to(scores.device)
+        scores = scores.clone()
+        scores[:, ids] -= self.penalty
+        return scores
+
+
 def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, str]]],
                      generation: Mapping[str, Any], batch_size: int = 8, fast: bool = True,
-                     with_ended: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+                     with_ended: bool = False, on_text: Callable[[str], None] | None = None
+                     ) -> list[str] | tuple[list[str], list[bool]]:
     """The model's reply to each conversation (rendered with the tokenizer's chat template + generation prompt).
 
     ``generation`` holds ``generate`` settings plus ``stop_tokens`` (token strings an answer also ends at, beside
     the tokenizer's eos and the model spec's stop tokens); the answer is the text before the first stop id.
     ``seed`` (sampling only) seeds torch before each batch, so the same settings give the same answers.
+    ``non_persian_penalty`` (default 0: off) is subtracted from the logits of tokens with letters of other scripts
+    (:class:`NonPersianPenalty`).
     ``with_ended``: also return, per answer, whether it ended on its own (a stop id before ``max_new_tokens``).
+    ``on_text``: stream the answer of a single conversation, each new piece of text handed to it as it is
+    generated (the returned answer is the same text).
     """
+    if on_text is not None and len(conversations) != 1:
+        raise ValueError(f"streaming (on_text) answers one conversation at a time, got {len(conversations)}")
     settings = dict(generation)
     stops = stop_token_ids(tokenizer, settings.pop("stop_tokens", None) or (), model)
     settings.setdefault("max_new_tokens", 48)
@@ -136,6 +206,13 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
                     eos_token_id=stops[0] if len(stops) == 1 else (stops or None))
     stop_set = set(stops)
     seed = settings.pop("seed", None)
+    penalty = float(settings.pop("non_persian_penalty", 0.0) or 0.0)
+    if penalty:
+        from transformers import LogitsProcessorList
+
+        ids = non_persian_tokens(tokenizer)
+        settings["logits_processor"] = LogitsProcessorList([NonPersianPenalty(ids[~torch.isin(ids, torch.tensor(
+            stops, dtype=torch.long))] if stops else ids, penalty)])
     answers: list[str] = []
     ended: list[bool] = []
     padding_side = tokenizer.padding_side
@@ -151,8 +228,9 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
             enc = {k: v.to(model.device) for k, v in enc.items()}
             if seed is not None:
                 torch.manual_seed(int(seed) + start)
+            streamer = None if on_text is None else _TextCallback(tokenizer, on_text, stop_set)
             with torch.no_grad():
-                new_tokens = _generate(runner, enc, settings, fast)
+                new_tokens = _generate(runner, enc, {**settings, "streamer": streamer} if streamer else settings, fast)
             for row in new_tokens:
                 kept = _until_stop(row, stop_set)
                 answers.append(tokenizer.decode(kept, skip_special_tokens=True).strip())

@@ -34,13 +34,15 @@ import importlib.util
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+STOP_TOKENS_ATTR = "llm_caption_stop_tokens"  # the model spec's stop tokens, set on the tokenizer by load_tokenizer
 
 
 def package_dir(package: str) -> Path:
@@ -142,6 +144,15 @@ def _write_cache(path: Path | None, save) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_stop_tokens(value: Any, where: str) -> list[str]:
+    """``value`` as a list of token strings (null: none); anything else is a ``ValueError`` naming ``where``."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"{where} must be a list of token strings (e.g. ['<end_of_turn>']), got {value!r}"[:300])
+    return list(value)
+
+
 def load_tokenizer(spec: Mapping[str, Any]):
     """The model's tokenizer, with an explicit pad token (``eos`` when the model has none); the spec's
     ``stop_tokens`` (checked against its vocabulary) are recorded on it for :func:`generate_answers`."""
@@ -167,8 +178,6 @@ def load_tokenizer(spec: Mapping[str, Any]):
             raise ValueError(f"eos_token {spec['eos_token']!r} of the model spec is not in the tokenizer's vocabulary")
         tokenizer.eos_token = spec["eos_token"]
     if spec.get("stop_tokens"):
-        from .generation import STOP_TOKENS_ATTR, check_stop_tokens
-
         stop_tokens = check_stop_tokens(spec["stop_tokens"], "stop_tokens of the model spec")
         unknown = [t for t in stop_tokens if t not in tokenizer.get_vocab()]
         if unknown:

@@ -28,7 +28,7 @@ import logging
 import numbers
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ DEFAULT_GENERATION = {"max_new_tokens": 64, "do_sample": False, "repetition_pena
 ROLES = ("system", "user", "assistant")
 SETTINGS_FILE = "chat_settings.json"  # artifact ``settings``: {"generation": ..., "limits": ...}
 ARTIFACTS = ("adapter", "settings")
+OPTIONAL_ARTIFACTS = ("merged",)  # the adapter merged into the base weights (llm.merged), for mergeable methods
 PARAM_TYPES = {"long", "double", "boolean", "string"}  # what generation_signature declares
 
 
@@ -270,20 +271,32 @@ class ChatPredictor:
         self.tokenizer = None
 
     def load_context(self, context) -> None:
+        """The merged weights when the model has them (no PEFT, no GGUF conversion: the fast way), else the base
+        model + adapter."""
+        merged = context.artifacts.get("merged")
+        if merged:
+            from .merged import load_merged
+
+            self.model, self.tokenizer = load_merged(Path(merged))
+            return
         from .adapters import load_finetuned
 
         self.model, self.tokenizer = load_finetuned(Path(context.artifacts["adapter"]))
 
-    def answer(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
+    def answer(self, model_input: Any, params: Mapping[str, Any] | None = None,
+               on_text: Callable[[str], None] | None = None) -> list[str]:
         """One reply per conversation of ``model_input``; :class:`ChatRequestError` refuses a request,
-        :class:`ChatError` says in one line that generation failed (the traceback goes to the log)."""
+        :class:`ChatError` says in one line that generation failed (the traceback goes to the log).
+        ``on_text`` streams the reply of a one-conversation request, piece by piece as it is generated."""
         from .generation import generate_answers
 
         limits = getattr(self, "limits", None) or ChatLimits()  # a model pickled before limits existed
         conversations = check_conversations(model_input, limits)
         settings = check_generation(self.generation, params, limits)
+        if on_text is not None and len(conversations) != 1:
+            raise ChatRequestError(f"a streamed request holds one conversation, got {len(conversations)}")
         try:
-            return generate_answers(self.model, self.tokenizer, conversations, settings)
+            return generate_answers(self.model, self.tokenizer, conversations, settings, on_text=on_text)
         except Exception as exc:  # noqa: BLE001 - the client gets one line; the traceback stays in the server log
             logger.exception("chat generation failed")
             first = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -401,6 +414,12 @@ class LocalChatModel:
     def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> list[str]:
         return self.predictor.answer(model_input, self.request_params(params))
 
+    def stream(self, messages: list[dict[str, str]], on_text: Callable[[str], None],
+               params: Mapping[str, Any] | None = None) -> str:
+        """The reply to one conversation, each piece handed to ``on_text`` as it is generated; the same checks
+        and refusals as :meth:`predict`."""
+        return self.predictor.answer([messages], self.request_params(params), on_text=on_text)[0]
+
 
 def load_local(folder: str | Path) -> LocalChatModel | None:
     """The chat model logged by :func:`log_chat_model` in the local model folder ``folder`` (the one holding
@@ -410,7 +429,7 @@ def load_local(folder: str | Path) -> LocalChatModel | None:
     artifact existed, or an artifact path that leads out of the folder; the caller then loads it through MLflow."""
     from ..local_model import LocalContext, read_pyfunc_folder
 
-    read = read_pyfunc_folder(folder, __name__, "PersianChatModel", ARTIFACTS)
+    read = read_pyfunc_folder(folder, __name__, "PersianChatModel", ARTIFACTS, OPTIONAL_ARTIFACTS)
     if read is None:
         return None
     meta, artifacts = read
@@ -446,22 +465,31 @@ def write_settings(model: ChatPredictor, folder: Path) -> Path:
 
 def log_chat_model(adapter_dir: str | Path, generation: Mapping[str, Any] | None = None,
                    pip_requirements: list[str] | None = None, name: str = "model",
-                   limits: Mapping[str, Any] | None = None):
+                   limits: Mapping[str, Any] | None = None, merge: bool = True):
     """Log the pyfunc model of ``adapter_dir`` in the active MLflow run; returns the ``ModelInfo``.
 
     The signature declares the generation settings as inference-time ``params`` (defaults: ``generation``);
     ``limits`` (:class:`ChatLimits` fields) caps what a request may ask. Both are also logged as the ``settings``
-    artifact, from which :func:`load_local` rebuilds the model without unpickling it.
+    artifact, from which :func:`load_local` rebuilds the model without unpickling it. ``merge``: a method whose
+    weights can be merged into the base model's also gets artifact ``merged`` (:mod:`.merged`), which loading
+    prefers.
     """
     import mlflow.pyfunc
 
     settings = {**DEFAULT_GENERATION, **dict(generation or {})}
     model = __getattr__("PersianChatModel")(settings, limits)
     with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"adapter": str(adapter_dir), "settings": str(write_settings(model, Path(tmp)))}
+        if merge:
+            from .merged import write_merged
+
+            merged = write_merged(adapter_dir, Path(tmp) / "merged")
+            if merged is not None:
+                artifacts["merged"] = str(merged)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=model,
-            artifacts={"adapter": str(adapter_dir), "settings": str(write_settings(model, Path(tmp)))},
+            artifacts=artifacts,
             signature=generation_signature(settings),
             pip_requirements=pip_requirements or project_requirements(),
         )

@@ -9,6 +9,7 @@ import pandas as pd
 
 from ... import distributed
 from ...llm.experiment import compare_models, dev_split, eval_subset, run_methods
+from ...llm.release import run_release
 from ...llm.registration import RANKING_METRIC, best_method, register_adapter
 from ...registry import split_fingerprint
 
@@ -27,7 +28,7 @@ def finetune_methods(chat_train: pd.DataFrame, chat_test: pd.DataFrame, params: 
     """
     if llm_model not in llm_models:
         raise ValueError(f"llm_model {llm_model!r} is not in llm_models ({sorted(llm_models)})")
-    tables = run_methods(chat_train, chat_test, params, llm_models[llm_model], seed)
+    tables = run_methods(chat_train, chat_test, params, llm_models[llm_model], seed, release=run_release)
     return (tables["llm_method_results"], tables["llm_loss_history"], tables["llm_generations"],
             tables["llm_release_results"])
 
