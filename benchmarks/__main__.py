@@ -31,10 +31,12 @@ SIZES = {
     "full": {"llm": dict(steps=40, reps=2, batch=4, seq_len=96, n_train=160, n_eval=16),
              "llm_models": {"smollm2_135m_instruct": {}, "gemma3_270m": {}},
              "caption": dict(n_images=64, n_beam_images=128, epochs=1, reps=2, batch=64, extra_epochs=15),
+             "latency": dict(reps=3, serve=True, serve_requests=20),
              "peak_s": 2.0},
     "tiny": {"llm": dict(steps=3, reps=1, batch=2, seq_len=64, n_train=12, n_eval=4),
              "llm_models": {"smollm2_135m_instruct": {}, "gemma3_270m": {"tiny_model": True}},
              "caption": dict(n_images=6, n_beam_images=4, epochs=1, reps=1, batch=8, extra_epochs=2),
+             "latency": dict(reps=1, serve=False, serve_requests=2),
              "peak_s": 0.2},
 }
 # Final eval losses of the LLM paths must agree within this, relative to the peer's.
@@ -53,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every side")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["llm", "caption"], help="benchmarks to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["llm", "caption", "latency"],
+                        help="benchmarks to leave out")
+    parser.add_argument("--chat-store", default=f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}",
+                        help="store holding persian-chat-adapter@champion for the chat latency rows (read only)")
     parser.add_argument("--llm-steps", type=int, default=None, help="training steps per LLM run (default 40)")
     parser.add_argument("--llm-models", nargs="*", default=None, choices=list(MODELS),
                         help="LLM benchmark models (default both)")
@@ -159,6 +164,46 @@ def build_rows(peak: dict[str, Any], llm: dict[str, dict[str, Any]] | None, cap:
     return rows, metrics
 
 
+CHAT_GOALS = {"chat_s": 5.0, "chat_first_s": 3.0, "chat_s_abs": 8.0, "serve_chat_p50_s": 3.0}
+
+
+def latency_rows(rows: list, metrics: dict[str, float], lat: dict[str, Any]) -> None:
+    """Rows of the cold commands (against ``python -c "import torch"`` in the same run) and the served models."""
+    fig = lat["figures"]
+    torch_s = fig["torch_s"].median
+    rows.append(("4 latency", 'cold process yardstick: python -c "import torch", s', fig["torch_s"].text("{:.2f}"),
+                 "", "", "", ""))
+    rows.append(("", "caption command, cold, 1 image: s (ratio: x import torch)", fig["caption_s"].text("{:.2f}"),
+                 "", f"{fig['caption_s'].median / torch_s:.1f}x", "", ""))
+    metrics.update(latency_torch_s=torch_s, latency_caption_s=fig["caption_s"].median)
+    if lat.get("has_chat"):
+        chat, first = fig["chat_s"].median, fig["chat_first_s"].median
+        ok = chat / torch_s <= CHAT_GOALS["chat_s"] and chat < CHAT_GOALS["chat_s_abs"]
+        rows.append(("", "chat command, cold, Gemma champion, ≤ 64 new tokens: s (x import torch)",
+                     fig["chat_s"].text("{:.2f}"), "", f"{chat / torch_s:.1f}x",
+                     f"≤ {CHAT_GOALS['chat_s']:g}x and < {CHAT_GOALS['chat_s_abs']:g} s", "met" if ok else "not met"))
+        rows.append(("", "chat command: first streamed piece printed after s (x import torch)",
+                     fig["chat_first_s"].text("{:.2f}"), "", f"{first / torch_s:.1f}x",
+                     f"≤ {CHAT_GOALS['chat_first_s']:g}x", "met" if first / torch_s <= CHAT_GOALS["chat_first_s"]
+                     else "not met"))
+        metrics.update(latency_chat_s=chat, latency_chat_first_s=first)
+    else:
+        rows.append(("", "chat command and served chat", f"n/a: no persian-chat-adapter@champion in "
+                     f"{lat.get('chat_store')} (run the Persian study)", "", "", "", ""))
+    if lat.get("serve_caption"):
+        served = lat["serve_caption"]
+        rows.append(("", "served captioner: p50 / p95 ms of one image", f"{served['p50_ms']:.0f} / "
+                     f"{served['p95_ms']:.0f}", "", "", "", ""))
+        metrics.update(latency_serve_caption_p50_ms=served["p50_ms"], latency_serve_caption_p95_ms=served["p95_ms"])
+    if lat.get("serve_chat"):
+        served = lat["serve_chat"]
+        rows.append(("", "served chat: p50 / p95 s of one answer (≤ 64 new tokens)",
+                     f"{served['p50_s']:.2f} / {served['p95_s']:.2f} ({served['answer_chars']:.0f} characters)",
+                     "", "", f"p50 ≤ {CHAT_GOALS['serve_chat_p50_s']:g} s",
+                     "met" if served["p50_s"] <= CHAT_GOALS["serve_chat_p50_s"] else "not met"))
+        metrics.update(latency_serve_chat_p50_s=served["p50_s"], latency_serve_chat_p95_s=served["p95_s"])
+
+
 def render(rows: list, settings: dict[str, Any], seconds: float, tiny: bool) -> str:
     header = ["benchmark", "figure", "project", "peer", "ratio", "goal", "verdict"]
     lines = [f"# Benchmarks{' (tiny: checks the harness, not speed)' if tiny else ''}", "",
@@ -222,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = {"fp32": matmul_gflops(torch.float32, seconds=size["peak_s"]),
             "bf16": matmul_gflops(torch.bfloat16, seconds=size["peak_s"])}
     print(f"matmul peak: fp32 {peak['fp32'].text()} GFLOP/s, bf16 {peak['bf16'].text()} GFLOP/s", flush=True)
-    llm_out = cap_out = None
+    llm_out = cap_out = lat_out = None
     if "llm" not in args.skip:
         from . import llm
 
@@ -231,19 +276,26 @@ def main(argv: list[str] | None = None) -> int:
         from . import caption
 
         cap_out = caption.run(**size["caption"])
+    if "latency" not in args.skip:
+        from . import latency
+
+        lat_out = latency.run(args.chat_store, **size["latency"])
     if llm_out is not None:
         # Re-measure the peak after the long runs as well: the machine is shared, the later figure may differ.
         for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             peak[key].values += matmul_gflops(dtype, seconds=size["peak_s"]).values
     seconds = time.perf_counter() - started
     rows, metrics = build_rows(peak, llm_out, cap_out)
+    if lat_out is not None:
+        latency_rows(rows, metrics, lat_out)
     settings = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                 "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                 "llm": {m: o["settings"] for m, o in llm_out.items()} if llm_out else None,
                 "caption": cap_out["settings"] if cap_out else None,
                 "llm_flops_per_token": {m: o["flops_per_token"] for m, o in llm_out.items()} if llm_out else None,
                 "caption_flops_per_image": cap_out["flops_per_image"] if cap_out else None,
-                "beam_samples": cap_out["beam_samples"] if cap_out else None}
+                "beam_samples": cap_out["beam_samples"] if cap_out else None,
+                "latency": {k: v for k, v in (lat_out or {}).items() if k != "figures"} or None}
     cpu = Path("/proc/cpuinfo")
     if cpu.is_file():
         names = [line.split(":", 1)[1].strip() for line in cpu.read_text().splitlines() if line.startswith("model name")]
@@ -259,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                          for m, o in (llm_out or {}).items()},
                       "caption_train": {n: {k: s.values for k, s in v.items()} for n, v in (cap_out or {}).get("train", {}).items()},
                       "beam": {n: {k: s.values for k, s in v.items()} for n, v in (cap_out or {}).get("beam", {}).items()},
+                      "latency": {k: s.values for k, s in (lat_out or {}).get("figures", {}).items()},
                       "peak": {k: s.values for k, s in peak.items()}}}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"

@@ -9,7 +9,11 @@
   (wall time, ``reps`` each); the chat command uses ``persian-chat-adapter@champion`` of ``--chat-store``
   (opened read-only: nothing is written to it);
 * ``--serve``: ``mlflow models serve --env-manager local`` on the captioner, then p50/p95 of single-image
-  requests and images/s of one 32-image request.
+  requests and images/s of one 32-image request;
+* ``make bench`` (:func:`run`): ``python -c "import torch"`` as the yardstick of a cold process, the caption
+  command, the chat command on the Gemma champion (64 new tokens: the wall time of the whole call and when its
+  first streamed piece of answer is printed), the served captioner and the served chat model (p50/p95 of a
+  64-token answer, 20 requests after one to warm up).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -106,6 +111,32 @@ def cli_latency(store: str, image: Path, chat_store: str | None, reps: int,
     return out
 
 
+CHAT_MODEL_URI = "models:/persian-chat-adapter@champion"
+CHAT_QUESTION = "یک شعر کوتاه درباره دانشگاه تهران بنویس"
+
+
+def first_output(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """(seconds to the first byte the process prints, wall seconds of the whole process, its output)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(1)
+    first_s = time.perf_counter() - start
+    rest = proc.stdout.read()
+    err = proc.stderr.read()
+    proc.wait(timeout=900)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}): {err.decode(errors='replace')[-1500:]}")
+    return first_s, wall, (first + rest).decode(errors="replace").strip()
+
+
+def chat_champion(store: str) -> str | None:
+    """The folder of ``persian-chat-adapter@champion`` in the local sqlite ``store``, else None."""
+    from llm_caption.caption import local_registered_model
+
+    return local_registered_model(store, CHAT_MODEL_URI)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -155,6 +186,86 @@ def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) 
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
         handle.close()
+
+
+def serve_chat_latency(store: str, log: Path, requests: int = 20, max_new_tokens: int = 64) -> dict[str, float]:
+    """``mlflow models serve`` of the chat champion: p50/p95 seconds of one question answered with up to
+    ``max_new_tokens`` tokens, ``requests`` requests after one to warm up; the mean answer length in characters."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PATH": os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])}
+    handle = open(log, "wb")
+    server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", CHAT_MODEL_URI, "--env-manager",
+                               "local", "-p", str(port), "-h", "127.0.0.1", "-w", "1"], env=env, stdout=handle,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ping(port, server, log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        body = json.dumps({"inputs": [CHAT_QUESTION], "params": {"max_new_tokens": max_new_tokens}}).encode()
+
+        def ask() -> tuple[float, str]:
+            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            start = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=600) as response:
+                answer = json.loads(response.read())["predictions"][0]
+            return time.perf_counter() - start, answer
+
+        ask()
+        timed_answers = [ask() for _ in range(requests)]
+        seconds = [t for t, _ in timed_answers]
+        return {"p50_s": statistics.median(seconds), "p95_s": statistics.quantiles(seconds, n=20)[18],
+                "answer_chars": statistics.mean(len(a) for _, a in timed_answers)}
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        handle.close()
+
+
+def _wait_ping(port: int, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+            return
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"mlflow models serve did not start (exit {server.poll()}): {tail}")
+            time.sleep(0.5)
+
+
+def run(chat_store: str | None, reps: int = 3, serve: bool = True, serve_requests: int = 20) -> dict[str, Any]:
+    """The latency figures of ``make bench``: cold commands (``reps`` each, alternating) and served models."""
+    from .common import Series
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "KEDRO_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    has_chat = bool(chat_store) and chat_champion(chat_store) is not None
+    out: dict[str, Any] = {"chat_store": chat_store, "has_chat": has_chat,
+                           "figures": {k: Series() for k in ("torch_s", "caption_s", "chat_s", "chat_first_s")}}
+    figures = out["figures"]
+    with tempfile.TemporaryDirectory(prefix="llm_caption_latency_") as tmp:
+        store, images = prepare_captioner_store(Path(tmp))
+        for _ in range(reps):
+            figures["torch_s"].add(timed([PYTHON, "-c", "import torch"], ROOT, env)[0])
+            figures["caption_s"].add(timed([PYTHON, "-m", "llm_caption.caption", str(images[0]), "--tracking-uri",
+                                            store], ROOT, env)[0])
+            if has_chat:
+                first, wall, answer = first_output(
+                    [PYTHON, "-m", "llm_caption.chat", "--model-uri", CHAT_MODEL_URI, "--tracking-uri", chat_store,
+                     "--max-new-tokens", "64", CHAT_QUESTION], ROOT, env)
+                figures["chat_first_s"].add(first)
+                figures["chat_s"].add(wall)
+                out["chat_answer"] = answer
+            print(f"latency: torch {figures['torch_s'].values[-1]:.2f} s, caption {figures['caption_s'].values[-1]:.2f} s"
+                  + (f", chat {figures['chat_s'].values[-1]:.2f} s (first piece {figures['chat_first_s'].values[-1]:.2f} s)"
+                     if has_chat else ""), flush=True)
+        if serve:
+            out["serve_caption"] = serve_latency(store, images, Path(tmp) / "serve.log", singles=serve_requests)
+            if has_chat:
+                out["serve_chat"] = serve_chat_latency(chat_store, Path(tmp) / "serve_chat.log", serve_requests)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ def tiny_bench(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     run = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--threads", "1",
-                          "--out", str(root / "results.md"), "--tracking-uri", f"sqlite:///{root}/mlflow.db"],
+                          "--out", str(root / "results.md"), "--tracking-uri", f"sqlite:///{root}/mlflow.db",
+                          "--chat-store", ""],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     return {"run": run, "root": root}
 
@@ -37,12 +38,13 @@ def test_tiny_bench_writes_the_table_the_json_and_an_mlflow_run(tiny_bench):
     run, root = tiny_bench["run"], tiny_bench["root"]
     assert run.returncode == 0, run.stderr[-3000:]
     table = (root / "results.md").read_text(encoding="utf-8")
-    for label in ("1 LLM LoRA fine-tuning", "2 captioner training", "3 beam search", "5 machine peak",
-                  "tokens/s vs peer A", "tokens/s vs peer B"):
+    for label in ("1 LLM LoRA fine-tuning", "2 captioner training", "3 beam search", "4 latency", "5 machine peak",
+                  "tokens/s vs peer A", "tokens/s vs peer B", "caption command, cold"):
         assert label in table, label
     raw = json.loads((root / "results.json").read_text(encoding="utf-8"))
     metrics = raw["metrics"]
-    for key in ("peak_fp32_gflops", "peak_bf16_gflops", "caption_train_ratio", "beam_ratio",
+    for key in ("peak_fp32_gflops", "peak_bf16_gflops", "caption_train_ratio", "beam_ratio", "latency_torch_s",
+                "latency_caption_s",
                 *(f"{prefix}_{side}_{figure}" for prefix in ("llm", "llm_gemma") for side in ("project", "peer_a", "peer_b")
                   for figure in ("tokens_per_s", "whole_s"))):
         assert math.isfinite(metrics[key]) and metrics[key] > 0, key

@@ -122,8 +122,11 @@ def demo_page(demo_store):
 
 
 def _table_rows(page, elem_id: str) -> list[list[str]]:
-    return page.locator(f"#{elem_id} tbody tr").evaluate_all(
-        "rows => rows.map(r => Array.from(r.querySelectorAll('td')).map(td => td.innerText.trim()))")
+    # Gradio 6's Dataframe is virtualised: the data rows are <div role="row"> of <div role="gridcell">; its only
+    # <tbody> is a hidden (visibility: collapse) sizing row, and the header is a <tr role="row"> of <th>.
+    return page.locator(f"#{elem_id} [role=row]:has([role=gridcell])").evaluate_all(
+        "rows => rows.sort((a, b) => Number(a.getAttribute('aria-rowindex')) - Number(b.getAttribute('aria-rowindex')))"
+        ".map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(c => c.innerText.trim()))")
 
 
 def _wait_for(predicate, what: str, timeout_s: float = 180.0, page=None):
@@ -151,7 +154,8 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # en-US: Gradio picks its UI language (the File's "Clear" button) from the browser's locale.
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, locale="en-US")
             page.goto(demo_page["url"], wait_until="networkidle", timeout=120_000)
 
             # Captions: every shown version, the champion first and marked, heatmaps of the attention model.
@@ -169,7 +173,9 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
                 assert r.read()[:4] in (b"\x89PNG", b"RIFF", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb")
             page.screenshot(path=str(shots / "demo_captions.png"), full_page=True)
 
-            # A file that is not an image: a message on the page, no traceback.
+            # A file that is not an image: a message on the page, no traceback. A single-file gr.File that holds a
+            # file shows it with a Clear button and no file input: clear it first.
+            page.locator("#caption-upload").get_by_role("button", name="Clear", exact=True).click()
             page.locator("#caption-upload input[type=file]").set_input_files(str(not_an_image))
             note = _wait_for(lambda: "⚠" in page.locator("#caption-note").inner_text()
                              and page.locator("#caption-note").inner_text(), "the upload error", page=page)
@@ -180,10 +186,24 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
             page.get_by_role("tab", name="Persian chat").click()
             page.locator("#chat-input textarea").fill(PROMPT)
             page.locator("#chat-send").click()
-            bubbles = page.locator("#chatbot .message")
-            answer = _wait_for(lambda: bubbles.count() >= 2 and "…" not in bubbles.last.inner_text()
-                               and bubbles.last.inner_text().strip(), "the chat answer", page=page)
-            assert PROMPT in bubbles.first.inner_text()
+            # Gradio 6 nests `.message` (a group div around each message div), so pick bubbles by role: the
+            # message div of each bubble carries data-testid "user" or "bot".
+            asked = page.locator('#chatbot [data-testid="user"]')
+            said = page.locator('#chatbot [data-testid="bot"]')
+            seen = {"text": None, "since": 0.0}
+
+            def settled_answer():  # the answer streams in: take it once it has stopped changing for 2 s
+                text = said.last.inner_text().strip() if asked.count() and said.count() else ""
+                if not text or "…" in text:
+                    seen["text"] = None
+                    return None
+                if text != seen["text"]:
+                    seen.update(text=text, since=time.monotonic())
+                    return None
+                return text if time.monotonic() - seen["since"] >= 2.0 else None
+
+            answer = _wait_for(settled_answer, "the chat answer", page=page)
+            assert PROMPT in asked.first.inner_text()
             assert persian_share(answer) > 0.9, answer
             page.screenshot(path=str(shots / "demo_chat.png"), full_page=True)
 

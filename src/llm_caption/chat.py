@@ -202,10 +202,17 @@ def converse(session: ChatSession, read=input, out=sys.stdout) -> int:
         asked = fit_history(history + [{"role": "user", "content": text}], max_messages)
         out.write("model> ")
         out.flush()
+        shown: list[str] = []
+        printer = _printer(out)
+
+        def on_text(piece: str) -> None:
+            shown.append(piece)
+            printer(piece)
+
         try:
-            reply = session.reply(asked, on_text=_printer(out))
-        except session.refusals as error:
-            out.write(f"\nerror: {error.message}\n")
+            reply = session.reply(asked, on_text=on_text)
+        except session.refusals as error:  # reported; the conversation goes on without that message
+            out.write(("\n" if shown else "") + f"error: {error.message}\n")
             continue
         out.write("\n")
         history = asked + [{"role": "assistant", "content": reply}]
@@ -218,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None and args.temperature is None:
         raise SystemExit("error: --seed seeds sampling: give --temperature too")
     logging.basicConfig(level=logging.WARNING)
+    # the answer is the output: no weight-loading or artifact-download bars around it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import torch
 
     if args.threads:
@@ -225,12 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     session = ChatSession(args)
     if args.message is None:
         return converse(session)
-    on_text = None if args.no_stream else _printer(sys.stdout)
+    printed: list[str] = []
+
+    def on_text(piece: str) -> None:
+        printed.append(piece)
+        _printer(sys.stdout)(piece)
+
     try:  # the decoding the model was registered with (chosen on dev answers); a request changes the length only
-        reply = session.reply([{"role": "user", "content": args.message}], on_text=on_text)
+        reply = session.reply([{"role": "user", "content": args.message}],
+                              on_text=None if args.no_stream else on_text)
     except session.refusals as error:  # a request the model refuses: its one-line reason
-        raise SystemExit(f"\nerror: {error.message}") from None
-    print() if on_text is not None else print(reply)
+        if printed:
+            print()
+        raise SystemExit(f"error: {error.message}") from None
+    print() if not args.no_stream else print(reply)
     return 0
 
 

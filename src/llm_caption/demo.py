@@ -95,12 +95,9 @@ class Backend:
             self.chat_ready.set()
 
     def _registry(self):
-        import mlflow
-
         from . import registry
 
-        mlflow.set_tracking_uri(self.store_uri)
-        mlflow.set_registry_uri(self.store_uri)
+        registry.use_store(self.store_uri)
         return registry
 
     def _load_captioners(self) -> None:

@@ -295,6 +295,12 @@ def study_methods(model_name: str, alias: str = CHAMPION, client: MlflowClient |
     return methods
 
 
+def use_store(uri: str) -> None:
+    """Point MLflow's tracking and registry at the store ``uri`` (for the helpers here that use the current one)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 def download(uri: str, dst: str | Path | None = None) -> Path:
     """The local copy of an artifact URI (``runs:/...``, ``models:/...``): MLflow's download, a path on disk."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=None if dst is None else str(dst)))

@@ -259,3 +259,28 @@ def test_settings_that_json_would_change_are_an_error(tmp_path):
         write_settings(ChatPredictor({**GENERATION, "stop_tokens": ("<end_of_turn>",)}), tmp_path)
     with pytest.raises(ValueError, match=r"generation.repetition_penalty = .*\(float64\) is not a JSON"):
         write_settings(ChatPredictor({**GENERATION, "repetition_penalty": np.float64(1.2)}), tmp_path)
+
+
+def test_the_chat_command_streams_and_holds_a_conversation(registered, tmp_path):
+    """Without a message the command is a conversation: each answer streamed after ``model>``, the history sent
+    with the next message, ``/reset`` clearing it, a refused message reported without ending it, Ctrl-D leaving."""
+    model = registered["mlflow_model"]
+    first = model.predict([[{"role": "user", "content": QUESTION}]], params={"max_new_tokens": 6})[0]
+    follow_up = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first},
+                 {"role": "user", "content": "بیشتر بگو"}]
+    second = model.predict([follow_up], params={"max_new_tokens": 6})[0]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    stdin = f"{QUESTION}\nبیشتر بگو\n{'x' * 5000}\n/reset\n{QUESTION}\n"
+    run = subprocess.run([sys.executable, "-m", "llm_caption.chat", "--tracking-uri", registered["tracking"],
+                          "--threads", "1", "--max-new-tokens", "6", "--model-uri", CHAMPION], input=stdin,
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    replies = [line.split("model> ", 1)[1] for line in run.stdout.splitlines() if "model> " in line]
+    assert replies[0] == first and replies[1] == second and replies[3] == first, run.stdout
+    assert replies[2].startswith("error: ") and "5,000 characters; at most 4,000 per message" in replies[2], run.stdout
+    assert "(conversation cleared)" in run.stdout
+    with pytest.raises(SystemExit, match="--seed seeds sampling"):
+        from llm_caption import chat
+
+        chat.main(["--model-uri", CHAMPION, "--seed", "1", QUESTION])

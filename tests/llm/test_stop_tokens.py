@@ -129,9 +129,15 @@ def test_the_chat_pyfunc_and_command_stop_at_the_saved_spec_stop_tokens(tiny, tm
     settings = {**chat.LOCAL_GENERATION, "max_new_tokens": 8}  # the chat command's decoding of a local method
     enc = tokenizer([tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)],
                     return_tensors="pt", add_special_tokens=False)
+    # the same decoding through generate() itself: the penalty on other scripts is the project's logits processor
+    from llm_caption.llm.generation import NonPersianPenalty, non_persian_tokens
+
+    raw = {k: v for k, v in settings.items() if k != "non_persian_penalty"}
+    raw["logits_processor"] = LogitsProcessorList([NonPersianPenalty(non_persian_tokens(tokenizer),
+                                                                     settings["non_persian_penalty"])])
     with torch.no_grad():
         prompt_len = enc["input_ids"].shape[1]
-        ids = model.generate(**enc, **settings, eos_token_id=tokenizer.eos_token_id,
+        ids = model.generate(**enc, **raw, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)[0, prompt_len:].tolist()
     # A stop token the model really generates: the first token after the start that it has not generated before.
     at = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and ids[i] != tokenizer.eos_token_id

@@ -221,7 +221,9 @@ def generate_answers(model, tokenizer, conversations: Sequence[list[dict[str, st
     model.eval()
     runner = generation_model(model) if fast else model  # a merged copy of an eval-mode model is in eval mode
     try:
-        for start in tqdm(range(0, len(conversations), batch_size), desc="generate", leave=False):
+        # a streamed answer is its own progress: no bar beside it
+        for start in tqdm(range(0, len(conversations), batch_size), desc="generate", leave=False,
+                          disable=on_text is not None):
             batch = conversations[start:start + batch_size]
             texts = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True) for c in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -58,6 +58,9 @@ def write_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path | None:
     if reason is not None:
         logger.info("%s is not merged: %s", adapter_dir, reason)
         return None
+    import time
+
+    start = time.perf_counter()
     meta = read_method(adapter_dir)
     model, tokenizer = load_finetuned(adapter_dir)
     if hasattr(model, "merge_and_unload"):
@@ -80,6 +83,9 @@ def write_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path | None:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    logger.info("%s merged into its base model: %s (%.0f MB) in %.1f s", meta.get("method"), out, size / 1e6,
+                time.perf_counter() - start)
     return out
 
 
@@ -138,3 +144,41 @@ def load_merged(folder: str | Path, dtype: str | None = None) -> tuple[Any, Any]
     model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+class ExactTopOutputLayer:
+    """A language model's output layer for generation: the logits of the whole vocabulary from a bf16 copy of the
+    weights (half the bytes to read per token: the layer is memory-bound on a CPU), then the ``k`` highest
+    recomputed in fp32 from the original weights. Greedy decoding picks the same token as the fp32 layer whenever
+    the fp32 winner is among the bf16 top ``k`` (the bf16 logits are off by far less than the usual gap between
+    the 1st and the 64th word); the other logits keep their bf16 value."""
+
+    def __init__(self, layer, k: int = 64) -> None:
+        import torch
+
+        self.layer = layer
+        self.k = int(k)
+        self.low = layer.weight.detach().to(torch.bfloat16)
+
+    def __call__(self, hidden):
+        import torch
+        import torch.nn.functional as F
+
+        logits = F.linear(hidden.to(torch.bfloat16), self.low).float()
+        top = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices
+        exact = torch.einsum("...h,...kh->...k", hidden.float(), self.layer.weight[top])
+        if self.layer.bias is not None:
+            exact = exact + self.layer.bias[top]
+        return logits.scatter_(-1, top, exact)
+
+
+def use_exact_top_output_layer(model, k: int = 64):
+    """Route ``model``'s output layer through :class:`ExactTopOutputLayer` (in place; returns the model)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
+        return model
+    fast = ExactTopOutputLayer(head, k)
+    head.forward = fast  # the module (and its tied weight) stays; only its forward changes
+    return model
