@@ -36,6 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+CHAT_MODEL_URI = "models:/persian-chat-adapter@champion"
+CHAT_QUESTION = "یک شعر کوتاه درباره دانشگاه تهران بنویس"
+
+
 def prepare_captioner_store(root: Path) -> tuple[str, list[Path]]:
     """A sqlite store under ``root`` with ``image-captioner@champion``; its URI and a few Flickr8k images."""
     import mlflow
@@ -93,8 +97,8 @@ def cli_latency(store: str, image: Path, chat_store: str | None, reps: int,
     base_env.pop("MLFLOW_TRACKING_URI", None)
     commands = {"caption": [PYTHON, "-m", "llm_caption.caption", str(image), "--tracking-uri", store]}
     if chat_store:
-        commands["chat"] = [PYTHON, "-m", "llm_caption.chat", "--model-uri", "models:/persian-chat-adapter@champion",
-                            "--tracking-uri", chat_store, "سلام، حالت چطوره؟"]
+        commands["chat"] = [PYTHON, "-m", "llm_caption.chat", "--model-uri", CHAT_MODEL_URI, "--tracking-uri",
+                            chat_store, "--max-new-tokens", "64", CHAT_QUESTION]
     out: dict[str, dict[str, list[float]]] = {}
     labels = list(sources)
     for rep in range(reps):
@@ -109,10 +113,6 @@ def cli_latency(store: str, image: Path, chat_store: str | None, reps: int,
                 figures["cpu_s"].append(cpu)
                 print(f"{name} ({label}): {wall:.2f} s wall, {cpu:.2f} s CPU: {text[:100]}", flush=True)
     return out
-
-
-CHAT_MODEL_URI = "models:/persian-chat-adapter@champion"
-CHAT_QUESTION = "یک شعر کوتاه درباره دانشگاه تهران بنویس"
 
 
 def first_output(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "llm"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.demo_page import CHROMIUM, CHROMIUM_ARGS, PROMPT, settled_text, table_rows, wait_for  # noqa: E402
 from caption_fixtures import tiny_captioner  # noqa: E402
 from chat_fixtures import load_conf  # noqa: E402
 from gemma_fixtures import _gemma_spec, _gemma_tokenizer  # noqa: E402
@@ -34,10 +36,6 @@ from servers import free_port, stop_group, wait_for_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-PROMPT = "یک شعر کوتاه درباره دانشگاه تهران بنویس"
 # The tiny random chat model writes random words; a large penalty on other scripts keeps its letters Persian, so
 # the page's Persian text is the model's own.
 GENERATION = {"max_new_tokens": 8, "do_sample": False, "no_repeat_ngram_size": 3, "non_persian_penalty": 100.0}
@@ -121,27 +119,6 @@ def demo_page(demo_store):
         log.close()
 
 
-def _table_rows(page, elem_id: str) -> list[list[str]]:
-    # Gradio 6's Dataframe is virtualised: the data rows are <div role="row"> of <div role="gridcell">; its only
-    # <tbody> is a hidden (visibility: collapse) sizing row, and the header is a <tr role="row"> of <th>.
-    return page.locator(f"#{elem_id} [role=row]:has([role=gridcell])").evaluate_all(
-        "rows => rows.sort((a, b) => Number(a.getAttribute('aria-rowindex')) - Number(b.getAttribute('aria-rowindex')))"
-        ".map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(c => c.innerText.trim()))")
-
-
-def _wait_for(predicate, what: str, timeout_s: float = 180.0, page=None):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        if page is not None:
-            page.wait_for_timeout(250)
-        else:
-            time.sleep(0.25)
-
-
 def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_page, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -160,13 +137,13 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
 
             # Captions: every shown version, the champion first and marked, heatmaps of the attention model.
             page.locator("#caption-upload input[type=file]").set_input_files(str(demo_store["image"]))
-            rows = _wait_for(lambda: [r for r in _table_rows(page, "captions") if len(r) == 2 and r[1]],
+            rows = wait_for(lambda: [r for r in table_rows(page, "captions") if len(r) == 2 and r[1]],
                              "captions", page=page)
             assert len(rows) == 2, rows
             assert "v2" in rows[0][0] and "champion" in rows[0][0] and "show_attend_tell" in rows[0][0]
             assert "v1" in rows[1][0] and "champion" not in rows[1][0] and "show_tell" in rows[1][0]
             heat = page.locator("#heatmaps img")
-            _wait_for(lambda: heat.count() > 0, "heatmaps", page=page)
+            wait_for(lambda: heat.count() > 0, "heatmaps", page=page)
             assert heat.count() == len(rows[0][1].split())  # one map per word of the champion's caption
             source = heat.first.get_attribute("src")
             with urllib.request.urlopen(source if source.startswith("http") else demo_page["url"] + source) as r:
@@ -177,7 +154,7 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
             # file shows it with a Clear button and no file input: clear it first.
             page.locator("#caption-upload").get_by_role("button", name="Clear", exact=True).click()
             page.locator("#caption-upload input[type=file]").set_input_files(str(not_an_image))
-            note = _wait_for(lambda: "⚠" in page.locator("#caption-note").inner_text()
+            note = wait_for(lambda: "⚠" in page.locator("#caption-note").inner_text()
                              and page.locator("#caption-note").inner_text(), "the upload error", page=page)
             assert "notes.jpg" in note and "not an image in an accepted format" in note, note
             assert "Traceback" not in page.content()
@@ -190,19 +167,7 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
             # message div of each bubble carries data-testid "user" or "bot".
             asked = page.locator('#chatbot [data-testid="user"]')
             said = page.locator('#chatbot [data-testid="bot"]')
-            seen = {"text": None, "since": 0.0}
-
-            def settled_answer():  # the answer streams in: take it once it has stopped changing for 2 s
-                text = said.last.inner_text().strip() if asked.count() and said.count() else ""
-                if not text or "…" in text:
-                    seen["text"] = None
-                    return None
-                if text != seen["text"]:
-                    seen.update(text=text, since=time.monotonic())
-                    return None
-                return text if time.monotonic() - seen["since"] >= 2.0 else None
-
-            answer = _wait_for(settled_answer, "the chat answer", page=page)
+            answer = wait_for(settled_text(said), "the chat answer", page=page)
             assert PROMPT in asked.first.inner_text()
             assert persian_share(answer) > 0.9, answer
             page.screenshot(path=str(shots / "demo_chat.png"), full_page=True)
@@ -210,9 +175,9 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
             # Compare methods: one row per method of the study, with its figures and its answer.
             page.get_by_text("Compare methods").click()
             page.locator("#compare-send").click()
-            compared = _wait_for(lambda: [r for r in _table_rows(page, "compare-table") if len(r) == 4]
-                                 if all(len(r) == 4 and r[3] and r[3] != "…" for r in _table_rows(page, "compare-table"))
-                                 and len(_table_rows(page, "compare-table")) == 2 else None, "the comparison", page=page)
+            compared = wait_for(lambda: [r for r in table_rows(page, "compare-table") if len(r) == 4]
+                                 if all(len(r) == 4 and r[3] and r[3] != "…" for r in table_rows(page, "compare-table"))
+                                 and len(table_rows(page, "compare-table")) == 2 else None, "the comparison", page=page)
             assert [r[:3] for r in compared] == [["lora", "2.000", "20.0"], ["loha", "2.500", "15.0"]]
             assert compared[0][3] == answer  # the champion is the study's LoRA: the same answer
             assert compared[1][3] != answer
