@@ -1,10 +1,10 @@
 """The demo page as a person meets it, in real Chromium: ``python -m benchmarks.demo_page --tracking-uri URI
---image PHOTO``. Starts ``python -m llm_caption.demo`` on a free port and measures
+--image PHOTO --second-image PHOTO``. Starts ``python -m llm_caption.demo`` on a free port and measures
 
 * ``page_up_s``: from the command's start until the page has loaded in the browser (models still loading);
 * ``models_loaded_s``: until the demo's log says the captioners and the chat model are loaded;
 * ``first_caption_s``: upload -> captions on the page, the first upload (it may wait for the captioners);
-* ``caption_s``: upload -> captions on the page once the models are loaded (a second upload);
+* ``caption_s``: upload -> captions on the page once the models are loaded (the second photo);
 * ``chat_first_text_s`` / ``chat_answer_s``: send -> first streamed text / the whole answer on the page.
 
 Screenshots of both tabs go to ``--shots`` (the README's are taken this way on the real registry). The figures are
@@ -79,8 +79,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(tracking_uri: str, image: Path, shots: Path | None, prompt: str = PROMPT, threads: int | None = None,
-            cwd: Path | None = None) -> dict[str, Any]:
+def measure(tracking_uri: str, image: Path, second_image: Path, shots: Path | None, prompt: str = PROMPT,
+            threads: int | None = None, cwd: Path | None = None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -124,18 +124,28 @@ def measure(tracking_uri: str, image: Path, shots: Path | None, prompt: str = PR
                     wait_for(loaded, "the models", timeout_s=600, page=page)
                     figures["models_loaded_s"] = time.monotonic() - start
 
+                    # a second, different photo once the models are loaded: the page's rows change when its
+                    # captions arrive (clearing the upload leaves the last captions on the page)
+                    first_rows = rows
+                    first_maps = page.locator("#heatmaps img").first.get_attribute("src")
                     page.locator("#caption-upload").get_by_role("button", name="Clear", exact=True).click()
-                    wait_for(lambda: not caption_rows(page) or page.locator("#caption-upload input[type=file]").count(),
-                             "the cleared upload", page=page)
+                    wait_for(lambda: page.locator("#caption-upload input[type=file]").count(), "the cleared upload",
+                             page=page)
                     sent = time.monotonic()
-                    page.locator("#caption-upload input[type=file]").set_input_files(str(image))
-                    rows = wait_for(lambda: caption_rows(page) if page.locator(
-                        "#caption-upload input[type=file]").count() == 0 else None, "captions", page=page)
+                    page.locator("#caption-upload input[type=file]").set_input_files(str(second_image))
+
+                    def new_rows():
+                        now = caption_rows(page)
+                        maps = page.locator("#heatmaps img")
+                        moved = now != first_rows or (maps.count() and maps.first.get_attribute("src") != first_maps)
+                        return now if now and moved else None
+                    rows = wait_for(new_rows, "the second photo's captions", page=page)
                     figures["caption_s"] = time.monotonic() - sent
                     figures["captions"] = rows
                     heat = page.locator("#heatmaps img")
                     figures["heatmaps"] = heat.count()
-                    if shots:
+                    if shots:  # after Gradio's pending fade on the outputs has gone
+                        page.wait_for_timeout(2000)
                         page.screenshot(path=str(shots / "demo_captions.png"), full_page=True)
 
                     page.get_by_role("tab", name="Persian chat").click()
@@ -167,7 +177,9 @@ def measure(tracking_uri: str, image: Path, shots: Path | None, prompt: str = PR
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_page", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", required=True, help="the store whose registry the page reads")
-    parser.add_argument("--image", type=Path, required=True, help="the photo to upload")
+    parser.add_argument("--image", type=Path, required=True, help="the photo to upload first")
+    parser.add_argument("--second-image", type=Path, required=True,
+                        help="another photo, uploaded once the models are loaded (caption_s)")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--shots", type=Path, default=None, help="folder for demo_captions.png and demo_chat.png")
     parser.add_argument("--threads", type=int, default=None)
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.shots:
         args.shots.mkdir(parents=True, exist_ok=True)
-    figures = measure(args.tracking_uri, args.image, args.shots, args.prompt, args.threads)
+    figures = measure(args.tracking_uri, args.image, args.second_image, args.shots, args.prompt, args.threads)
     text = json.dumps(figures, ensure_ascii=False, indent=1)
     print(text)
     if args.json:

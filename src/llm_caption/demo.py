@@ -330,9 +330,9 @@ def build_app(backend: Backend):
             with gr.Row():
                 upload = gr.File(label="Drop a photo (JPEG or PNG)", file_count="single", type="filepath",
                                  elem_id="caption-upload")
-                with gr.Column():
+                with gr.Column(scale=2):  # wide enough for the model label and its caption side by side
                     captions = gr.Dataframe(headers=["model", "caption"], label="Captions", interactive=False,
-                                            elem_id="captions", wrap=True)
+                                            elem_id="captions", wrap=True, column_widths=["40%", "60%"])
                     caption_note = gr.Markdown(elem_id="caption-note")
             heatmaps = gr.Gallery(label="Where the attention model looked, word by word", columns=6, height=260,
                                   elem_id="heatmaps")

@@ -16,7 +16,8 @@ from gemma_fixtures import tiny_gemma_spec  # noqa: F401 (fixture)
 from llm_caption.llm.adapters import load_finetuned, save_finetuned
 from llm_caption.llm.experiment import method_settings
 from llm_caption.llm.generation import generate_answers
-from llm_caption.llm.merged import MERGED_FILE, load_merged, merge_reason, write_merged
+from llm_caption.llm.merged import (MERGED_FILE, ExactTopOutputLayer, load_merged, merge_reason,
+                                    use_exact_top_output_layer, write_merged)
 from llm_caption.llm.methods import MethodContext, build_method
 from llm_caption.llm.models import STOP_TOKENS_ATTR, load_model, load_tokenizer
 
@@ -102,3 +103,26 @@ def test_streamed_pieces_make_the_answer(tiny_gemma_spec, tmp_path):
         assert len(pieces) > 1 or len(streamed[0].split()) <= 1
     with pytest.raises(ValueError, match="one conversation at a time"):
         generate_answers(model, tokenizer, PROMPTS, GENERATION, on_text=print)
+
+
+def test_the_exact_top_output_layer_keeps_the_fp32_winners(tiny_gemma_spec, tmp_path):
+    """bf16 logits for the whole vocabulary, the top 64 recomputed in fp32: those equal the fp32 layer's, the rest
+    are within bf16 rounding, and greedy answers are the fp32 model's token for token."""
+    folder = write_merged(_saved(tiny_gemma_spec, "lora", tmp_path), tmp_path / "merged")
+    model, tokenizer = load_merged(folder)
+    expected = generate_answers(model, tokenizer, PROMPTS, GENERATION, with_ended=True)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(3, 5, head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = head(hidden)
+        fast = ExactTopOutputLayer(head, k=64)(hidden)
+    low = torch.nn.functional.linear(hidden.to(torch.bfloat16), head.weight.to(torch.bfloat16)).float()
+    top = low.topk(64, dim=-1).indices  # the words the layer recomputes
+    assert torch.allclose(fast.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
+    assert torch.equal(fast.argmax(-1), exact.argmax(-1))
+    assert (fast - exact).abs().max() < 0.05 * exact.abs().max()  # bf16 elsewhere: close, not equal
+    assert not torch.equal(fast, exact)
+    weight = head.weight.clone()
+    use_exact_top_output_layer(model)
+    assert torch.equal(head.weight, weight) and head.weight.dtype == torch.float32  # the weights are untouched
+    assert generate_answers(model, tokenizer, PROMPTS, GENERATION, with_ended=True) == expected
