@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -73,15 +72,11 @@ def settled_text(locator, quiet_s: float = 2.0) -> Callable[[], str | None]:
     return check
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(tracking_uri: str, image: Path, second_image: Path, shots: Path | None, prompt: str = PROMPT,
             threads: int | None = None, cwd: Path | None = None) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
+
+    from .latency import _free_port
 
     port = _free_port()
     log_path = Path(cwd or ".") / "demo_page.log"

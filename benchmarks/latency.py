@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,35 +154,21 @@ def _post(url: str, images: list[str]) -> tuple[float, dict]:
     return time.perf_counter() - start, payload
 
 
-def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) -> dict[str, float]:
+@contextlib.contextmanager
+def served(model_uri: str, store: str, log: Path, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """``mlflow models serve --env-manager local`` of ``model_uri`` in ``store`` on a free port, up (``/ping``
+    answers); yields its ``/invocations`` URL and stops the server's process group afterwards."""
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # the server runs `uvicorn` by name: the environment's scripts must be on PATH
            "PATH": os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])}
     handle = open(log, "wb")
-    server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/image-captioner@champion",
-                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "-p", str(port), "-h", "127.0.0.1", *extra_args], env=env, stdout=handle,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}/invocations"
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    tail = log.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow models serve did not start (exit {server.poll()}): {tail}")
-                time.sleep(0.5)
-        encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in images]
-        _post(url, encoded[:1])  # the first request warms the model up
-        singles_s = [_post(url, [encoded[i % len(encoded)]])[0] for i in range(singles)]
-        batch_s, payload = _post(url, encoded[:32])
-        assert len(payload["predictions"]) == min(32, len(encoded))
-        quantiles = statistics.quantiles(singles_s, n=20)
-        return {"p50_ms": 1000 * statistics.median(singles_s), "p95_ms": 1000 * quantiles[18],
-                "batch32_images_per_s": min(32, len(encoded)) / batch_s}
+        _wait_ping(port, server, log)
+        yield f"http://127.0.0.1:{port}/invocations"
     finally:
         if server.poll() is None:
             os.killpg(server.pid, 15)
@@ -188,21 +176,23 @@ def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) 
         handle.close()
 
 
+def serve_latency(store: str, images: list[Path], log: Path, singles: int = 20) -> dict[str, float]:
+    with served("models:/image-captioner@champion", store, log) as url:
+        encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in images]
+        _post(url, encoded[:1])  # the first request warms the model up
+        singles_s = [_post(url, [encoded[i % len(encoded)]])[0] for i in range(singles)]
+        batch_s, payload = _post(url, encoded[:32])
+    assert len(payload["predictions"]) == min(32, len(encoded))
+    quantiles = statistics.quantiles(singles_s, n=20)
+    return {"p50_ms": 1000 * statistics.median(singles_s), "p95_ms": 1000 * quantiles[18],
+            "batch32_images_per_s": min(32, len(encoded)) / batch_s}
+
+
 def serve_chat_latency(store: str, log: Path, requests: int = 20, max_new_tokens: int = 64) -> dict[str, float]:
     """``mlflow models serve`` of the chat champion: p50/p95 seconds of one question answered with up to
     ``max_new_tokens`` tokens, ``requests`` requests after one to warm up; the mean answer length in characters."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PATH": os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])}
-    handle = open(log, "wb")
-    server = subprocess.Popen([PYTHON, "-m", "mlflow", "models", "serve", "-m", CHAT_MODEL_URI, "--env-manager",
-                               "local", "-p", str(port), "-h", "127.0.0.1", "-w", "1"], env=env, stdout=handle,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_ping(port, server, log)
-        url = f"http://127.0.0.1:{port}/invocations"
-        body = json.dumps({"inputs": [CHAT_QUESTION], "params": {"max_new_tokens": max_new_tokens}}).encode()
-
+    body = json.dumps({"inputs": [CHAT_QUESTION], "params": {"max_new_tokens": max_new_tokens}}).encode()
+    with served(CHAT_MODEL_URI, store, log, ("-w", "1")) as url:
         def ask() -> tuple[float, str]:
             request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             start = time.perf_counter()
@@ -212,14 +202,9 @@ def serve_chat_latency(store: str, log: Path, requests: int = 20, max_new_tokens
 
         ask()
         timed_answers = [ask() for _ in range(requests)]
-        seconds = [t for t, _ in timed_answers]
-        return {"p50_s": statistics.median(seconds), "p95_s": statistics.quantiles(seconds, n=20)[18],
-                "answer_chars": statistics.mean(len(a) for _, a in timed_answers)}
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
-        handle.close()
+    seconds = [t for t, _ in timed_answers]
+    return {"p50_s": statistics.median(seconds), "p95_s": statistics.quantiles(seconds, n=20)[18],
+            "answer_chars": statistics.mean(len(a) for _, a in timed_answers)}
 
 
 def _wait_ping(port: int, server: subprocess.Popen, log: Path) -> None:

@@ -125,8 +125,9 @@ def load_registered(store_uri: str, model_uri: str):
             return LocalCaptioner(predictor)
     import mlflow
 
-    mlflow.set_tracking_uri(store_uri)
-    mlflow.set_registry_uri(store_uri)
+    from .registry import use_store
+
+    use_store(store_uri)
     if folder is None:  # not found in a local store: a clear error if it does not exist
         check_model_uri(model_uri)
     return mlflow.pyfunc.load_model(folder or model_uri, suppress_warnings=True)

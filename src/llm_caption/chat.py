@@ -161,8 +161,11 @@ class ChatSession:
         return reply
 
 
-def _printer(stream):
+def _printer(stream, shown: list[str] | None = None):
+    """An ``on_text`` that prints each piece as it comes (and keeps it in ``shown``, to know whether anything was)."""
     def on_text(piece: str) -> None:
+        if shown is not None:
+            shown.append(piece)
         stream.write(piece)
         stream.flush()
     return on_text
@@ -203,14 +206,8 @@ def converse(session: ChatSession, read=input, out=sys.stdout) -> int:
         out.write("model> ")
         out.flush()
         shown: list[str] = []
-        printer = _printer(out)
-
-        def on_text(piece: str) -> None:
-            shown.append(piece)
-            printer(piece)
-
         try:
-            reply = session.reply(asked, on_text=on_text)
+            reply = session.reply(asked, on_text=_printer(out, shown))
         except session.refusals as error:  # reported; the conversation goes on without that message
             out.write(("\n" if shown else "") + f"error: {error.message}\n")
             continue
@@ -236,14 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.message is None:
         return converse(session)
     printed: list[str] = []
-
-    def on_text(piece: str) -> None:
-        printed.append(piece)
-        _printer(sys.stdout)(piece)
-
     try:  # the decoding the model was registered with (chosen on dev answers); a request changes the length only
         reply = session.reply([{"role": "user", "content": args.message}],
-                              on_text=None if args.no_stream else on_text)
+                              on_text=None if args.no_stream else _printer(sys.stdout, printed))
     except session.refusals as error:  # a request the model refuses: its one-line reason
         if printed:
             print()
