@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -209,7 +210,10 @@ def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
         return finish([e["loss"] for e in trainer.state.log_history if "loss" in e], clock, memory, eval_loss, whole)
 
     sides = {"project": project, "peer_a": peer_a, "peer_b": peer_b}
-    raw = alternate({name: sides[name] for name in paths}, reps)
+    try:
+        raw = alternate({name: sides[name] for name in paths}, reps)
+    finally:  # checkpoints and the tiny model: ~130 MB a run
+        shutil.rmtree(tmp, ignore_errors=True)
     # tokens/s counts the tokens of the training conversations each path consumed: the same batches on every
     # path, so the peers' forward count (every non-padding token) stands for all; the project's forward leaves
     # out the tokens after a conversation's last label (``forward_tokens_per_s``).
@@ -221,7 +225,7 @@ def run(steps: int = 40, reps: int = 2, batch: int = 4, seq_len: int = 96, n_tra
             r["forward_tokens_per_s"] = r["steady_tokens"] / r["steady_s"] if r["steady_s"] else float("nan")
     flops_per_token = model_flops_per_token(base, tokenizer, train_ds, batch, lora_options, seed, bf16)
     out: dict[str, Any] = {"settings": {"model": model or "default", "tiny_model": tiny_model,
-                                        "learning_rate": params["llm"]["methods"]["lora"]["training"]["learning_rate"], "steps": steps, "reps": reps, "batch": batch, "seq_len": seq_len,
+                                        "steps": steps, "reps": reps, "batch": batch, "seq_len": seq_len,
                                         "bf16_autocast": bf16, "n_train": len(train_ds), "n_eval": len(eval_ds),
                                         "learning_rate": shared_args["learning_rate"],
                                         "threads": torch.get_num_threads()},
