@@ -22,7 +22,9 @@ Start-up is most of a call's time, so a registered chat model is loaded the shor
 ``models:/name@alias`` (or ``/version``) URI in a local sqlite store is resolved with one read-only query of the
 store's registry tables, and the model built from the files of its folder (its settings and its merged weights,
 or base model + adapter for a method that cannot be merged; no ``mlflow.pyfunc``, no unpickling, no tracking or
-registry store set-up, and MLflow, PEFT and the GGUF conversion are not imported at all).
+registry store set-up, and MLflow, PEFT and the GGUF conversion are not imported at all). Merged Gemma-3 weights
+decoded greedily run in plain torch (:mod:`llm_caption.llm.fast_gemma`: ``transformers`` is not imported either),
+with bf16 layers and an int4 output layer whose top 256 are recomputed in fp32.
 A model logged before its settings were saved as an artifact, another kind of model, or another store goes
 through ``mlflow.pyfunc.load_model``.
 """

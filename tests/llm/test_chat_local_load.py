@@ -169,7 +169,8 @@ def test_the_chat_command_answers_a_local_champion_without_importing_mlflow(regi
         "    refusal = None\n"
         "except SystemExit as exit:\n"
         "    refusal = str(exit.code)\n"
-        "json.dump({'refusal': refusal, 'mlflow': sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')},\n"
+        "json.dump({'refusal': refusal, 'mlflow': sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'),\n"
+        "           'transformers': sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft'))},\n"
         "          open(result, 'w'))\n")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
            "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -184,6 +185,7 @@ def test_the_chat_command_answers_a_local_champion_without_importing_mlflow(regi
     assert run.stdout == expected + "\n"
     out = json.loads(result.read_text())
     assert out["mlflow"] == []
+    assert out["transformers"] == []  # merged Gemma-3 weights, greedy: the plain-torch path (llm.fast_gemma)
     assert out["refusal"] == "error: max_new_tokens must be an integer from 1 to 16, got 100000"
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-MERGED_FILE = "llm_caption_merged.json"
+from .fast_gemma import MERGED_FILE, TOKENIZER_FILE, exact_top  # noqa: F401 - re-exported
+
 MERGEABLE_PEFT = {"LORA", "LOHA", "LOKR"}
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def merge_reason(adapter_dir: str | Path) -> str | None:
@@ -79,6 +79,10 @@ def write_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path | None:
                 "stop_tokens": list(getattr(tokenizer, STOP_TOKENS_ATTR, ()) or ()),
                 "pad_token": tokenizer.pad_token, "eos_token": tokenizer.eos_token}
         (tmp / MERGED_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+        from .fast_gemma import unsupported, write_decode_file
+
+        if unsupported(tmp) is None:  # what the plain-torch path would otherwise work out at every start
+            write_decode_file(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
@@ -149,9 +153,9 @@ def load_merged(folder: str | Path, dtype: str | None = None) -> tuple[Any, Any]
 class ExactTopOutputLayer:
     """A language model's output layer for generation: the logits of the whole vocabulary from a bf16 copy of the
     weights (half the bytes to read per token: the layer is memory-bound on a CPU), then the ``k`` highest
-    recomputed in fp32 from the original weights. Greedy decoding picks the same token as the fp32 layer whenever
-    the fp32 winner is among the bf16 top ``k`` (the bf16 logits are off by far less than the usual gap between
-    the 1st and the 64th word); the other logits keep their bf16 value."""
+    recomputed in fp32 from the original weights (:func:`exact_top`). Greedy decoding picks the same token as the
+    fp32 layer whenever the fp32 winner is among the bf16 top ``k`` (the bf16 logits are off by far less than the
+    usual gap between the 1st and the 64th word); the other logits keep their bf16 value."""
 
     def __init__(self, layer, k: int = 64) -> None:
         import torch
@@ -165,11 +169,7 @@ class ExactTopOutputLayer:
         import torch.nn.functional as F
 
         logits = F.linear(hidden.to(torch.bfloat16), self.low).float()
-        top = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices
-        exact = torch.einsum("...h,...kh->...k", hidden.float(), self.layer.weight[top])
-        if self.layer.bias is not None:
-            exact = exact + self.layer.bias[top]
-        return logits.scatter_(-1, top, exact)
+        return exact_top(logits, hidden, self.layer.weight, self.k, self.layer.bias)
 
 
 def use_exact_top_output_layer(model, k: int = 64):
