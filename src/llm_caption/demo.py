@@ -12,8 +12,9 @@ else ``$MLFLOW_TRACKING_URI``, else the environment's ``mlflow.yml``):
   first soft-attention (``show_attend_tell``) model among them.
 * **Persian chat**: the champion of ``persian-chat-adapter`` (the Persian study's release model) answers, streamed
   as it is generated; *Compare methods* sends one prompt to every method of the study that produced the champion
-  (their adapters from that study's MLflow runs) and shows the answers side by side with each method's bits per
-  character and chrF++.
+  (their adapters from that study's MLflow runs, in fp32 through ``transformers``: the champion's row may differ
+  from the chat's answer, which its merged weights give in bf16) and shows the answers side by side with each
+  method's bits per character and chrF++.
 
 Uploads and prompts are untrusted: an image goes through the served captioner's checks (bytes, pixels and formats
 of the champion's ``serving`` limits, checked before any pixel is decoded), a prompt through the chat model's own
