@@ -97,7 +97,7 @@ class FolderTokenizer:
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"stop token {token!r} is not a token of {self.folder / TOKENIZER_FILE}")
+            raise ValueError(f"{token!r} is not a token of {self.folder / TOKENIZER_FILE}")
         return int(token_id)
 
     def stop_ids(self, extra: Sequence[str] = ()) -> list[int]:
@@ -120,14 +120,11 @@ class FolderTokenizer:
 
     def non_persian_ids(self) -> torch.Tensor:
         """:func:`llm_caption.llm.generation.non_persian_tokens` of this tokenizer (added tokens left out)."""
-        import unicodedata
-
-        from .text_metrics import is_persian_letter
+        from .text_metrics import has_other_script_letter
 
         special = set(self.tokenizer.get_added_tokens_decoder())
         ids = [token_id for token, token_id in self.tokenizer.get_vocab(with_added_tokens=False).items()
-               if token_id not in special and not token.startswith("<0x")
-               and any(unicodedata.category(c).startswith("L") and not is_persian_letter(c) for c in token)]
+               if token_id not in special and not token.startswith("<0x") and has_other_script_letter(token)]
         return torch.tensor(sorted(ids), dtype=torch.long)
 
 
@@ -217,7 +214,6 @@ class GemmaChat:
         self.embed_scale = torch.tensor(float(config["hidden_size"]) ** 0.5)
         head_weight = weights.get("lm_head.weight")
         self.out = self.embed if head_weight is None else head_weight.float()
-
 
         def body(name: str) -> torch.Tensor:
             return weights[name].to(self.dtype)

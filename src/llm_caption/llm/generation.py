@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -152,14 +151,14 @@ def non_persian_tokens(tokenizer) -> torch.Tensor:
     cached = getattr(tokenizer, "_llm_caption_non_persian", None)
     if cached is not None:
         return cached
-    from .text_metrics import is_persian_letter
+    from .text_metrics import has_other_script_letter
 
     special = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
     ids = []
     for token, token_id in tokenizer.get_vocab().items():
         if token_id in special or token.startswith("<0x"):
             continue
-        if any(unicodedata.category(c).startswith("L") and not is_persian_letter(c) for c in token):
+        if has_other_script_letter(token):
             ids.append(token_id)
     result = torch.tensor(sorted(ids), dtype=torch.long)
     tokenizer._llm_caption_non_persian = result

@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 from .fast_gemma import MERGED_FILE, TOKENIZER_FILE, exact_top  # noqa: F401 - re-exported
+
+logger = logging.getLogger(__name__)
 
 MERGEABLE_PEFT = {"LORA", "LOHA", "LOKR"}
 

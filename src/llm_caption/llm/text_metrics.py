@@ -15,6 +15,11 @@ def is_persian_letter(char: str) -> bool:
     return unicodedata.category(char).startswith("L") and any(lo <= code <= hi for lo, hi in _PERSIAN_RANGES)
 
 
+def has_other_script_letter(text: str) -> bool:
+    """True when ``text`` holds a letter of another script than Persian/Arabic."""
+    return any(unicodedata.category(c).startswith("L") and not is_persian_letter(c) for c in text)
+
+
 def persian_share(text: str) -> float:
     """Share of Persian/Arabic-script letters among all letters of ``text`` (0.0 when it has no letters).
 
