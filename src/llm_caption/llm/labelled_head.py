@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .chat_format import IGNORE_INDEX
+from .frozen_weights import cast_weight
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def labelled_nll(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.M
     selected = hidden[:, :-1][mask]
     targets = shifted[mask]
     count = mask.sum()
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    weight, bias = cast_weight(lm_head), getattr(lm_head, "bias", None)
     n, step = targets.numel(), max(1, chunk_logits // weight.shape[0])
     if n == 0:
         return hidden.sum() * 0.0, count

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .chat_format import IGNORE_INDEX
+from .frozen_weights import frozen_weights_cast
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def score_characters(model, tokenizer, dataset, batch_size: int = 8, bf16: bool 
     device = next(model.parameters()).device
     try:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, frozen_weights_cast(model, enabled=bf16, share_inputs=True):
             step = max(1, int(batch_size))
             for start in range(0, len(rows), step):
                 batch = rows[start:start + step]

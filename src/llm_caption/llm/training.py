@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from ..common import cpu_supports_bf16
+from .frozen_weights import frozen_weights_cast
 
 logger = logging.getLogger(__name__)
 
 # Keys of the `training` block that are ours, not SFTConfig's.
-_OWN_KEYS = {"resume", "padding_free", "early_stopping_patience"}
+_OWN_KEYS = {"resume", "padding_free", "early_stopping_patience", "attn_implementation", "cast_frozen_once"}
 
 
 @dataclass
@@ -286,6 +287,24 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+@contextlib.contextmanager
+def attention_implementation(model, name: str | None):
+    """Within the block, ``model``'s attention runs with ``name`` (a transformers ``attn_implementation``:
+    ``eager``, ``sdpa`` ...; ``None`` leaves it); the one it had before is restored afterwards, so generation
+    and saving after training see the model as loaded."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if not name or before is None or name == before:
+        yield
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
 def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any], output_dir: str | Path,
                  seed: int, train: bool = True, callbacks: list | None = None, report_ds=None,
                  eval_at_end: bool = True) -> TrainResult:
@@ -296,8 +315,11 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
     test split's loss; the loss history then calls the split ``dev``).
 
     ``training`` holds SFTConfig fields (``max_steps``, ``learning_rate``, ``save_steps`` ...), ``resume``
-    (continue from the last checkpoint in ``output_dir`` when there is one) and ``padding_free`` (default true:
-    each batch without padding when that is cheaper, see :func:`labelled_head_trainer`). ``callbacks`` are
+    (continue from the last checkpoint in ``output_dir`` when there is one), ``padding_free`` (default true:
+    each batch without padding when that is cheaper, see :func:`labelled_head_trainer`),
+    ``attn_implementation`` (the attention the training and its evaluations run with, e.g. ``eager``; the
+    model's own is restored afterwards) and ``cast_frozen_once`` (default true: under bf16 autocast, frozen
+    linear weights and shared inputs are cast to bf16 once, see :mod:`.frozen_weights`). ``callbacks`` are
     extra ``transformers.TrainerCallback`` objects (e.g. the benchmarks' step clock).
 
     ``eval_at_end=False``: no evaluation of ``eval_ds`` (or ``report_ds``) after the last step, for a caller
@@ -320,7 +342,9 @@ def train_method(model, tokenizer, train_ds, eval_ds, training: Mapping[str, Any
         callbacks.append(no_eval_at_last_step())
     trainer = trainer_class(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=callbacks)
-    with peak_memory_mb() as memory:
+    with peak_memory_mb() as memory, attention_implementation(model, training.get("attn_implementation")), \
+            frozen_weights_cast(model, enabled=bool(training.get("cast_frozen_once", True)) and config.bf16,
+                                share_inputs=True):
         start = time.perf_counter()
         start_step = 0
         tokens = 0.0
