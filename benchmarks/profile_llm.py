@@ -8,8 +8,11 @@ Paths (same LoRA model, same batch, bf16 autocast when the CPU has native bf16):
 * ``trl_fused``: TRL's fused, chunked LM head over every position (its default off CUDA);
 * ``project_padded``: the project's head (``labelled_head``: labelled positions only, projected under the same
   autocast, cross-entropy in fp32) on the padded batch;
-* ``project``: the same on the batch laid out padding-free (``labelled_head.PaddingFreeCollator``), as
-  ``train_method`` runs LoRA.
+* ``project_packed``: the same on the batch laid out padding-free (``labelled_head.PaddingFreeCollator``), the
+  path before frozen weights were cast once;
+* ``project``: as ``train_method`` runs LoRA: the batch laid out the cheaper way (padded or end to end), frozen
+  linear weights and shared inputs cast to bf16 once (``frozen_weights.frozen_weights_cast``), attention as the
+  training block's ``attn_implementation``.
 
 ``--profile`` adds a ``torch.profiler`` table (self CPU time by operator) for ``plain`` and ``project``.
 """
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
     from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head
-    from llm_caption.llm.training import cpu_supports_bf16
+    from llm_caption.llm.frozen_weights import frozen_weights_cast
+    from llm_caption.llm.labelled_head import attention_crossover
+    from llm_caption.llm.training import attention_implementation, cpu_supports_bf16
 
     from .llm import _params, persian_conversations
 
@@ -75,21 +80,31 @@ def main(argv: list[str] | None = None) -> int:
         return model
 
     models = {"plain": lora(None), "trl_fused": lora(("log_probs", "entropy", "is_top1")),
-              "project_padded": lora(None, labelled=True), "project": lora(None, labelled=True)}
+              "project_padded": lora(None, labelled=True), "project_packed": lora(None, labelled=True),
+              "project": lora(None, labelled=True)}
+    chosen = PaddingFreeCollator(pad_token_id=tokenizer.pad_token_id, crossover=attention_crossover(models["project"]))(
+        [data[i] for i in range(args.batch)])
+    attention = cfg["training"].get("attn_implementation")
+    cast_once = bool(cfg["training"].get("cast_frozen_once", True)) and bf16
 
     def step(name: str) -> float:
         model = models[name]
+        project = name == "project"
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if name == "plain":
-                loss = model(**inputs, num_items_in_batch=(inputs["labels"][:, 1:] != -100).sum()).loss
-            elif name == "trl_fused":
-                loss = model(**inputs, fused_lm_head=True, use_cache=False).loss
-            elif name == "project_padded":
-                loss = model(**inputs, labelled_head=True, use_cache=False).loss
-            else:
-                loss = model(**packed, labelled_head=True, use_cache=False).loss
-        loss.backward()
+        with attention_implementation(model, attention if project else None), \
+                frozen_weights_cast(model, enabled=project and cast_once, share_inputs=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if name == "plain":
+                    loss = model(**inputs, num_items_in_batch=(inputs["labels"][:, 1:] != -100).sum()).loss
+                elif name == "trl_fused":
+                    loss = model(**inputs, fused_lm_head=True, use_cache=False).loss
+                elif name == "project_padded":
+                    loss = model(**inputs, labelled_head=True, use_cache=False).loss
+                elif name == "project_packed":
+                    loss = model(**packed, labelled_head=True, use_cache=False).loss
+                else:
+                    loss = model(**chosen, labelled_head=True, use_cache=False).loss
+            loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start, float(loss)
 
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("plain", "trl_fused", "project"):
+        for name in ("plain", "trl_fused", "project_packed", "project"):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(name)
             print(f"\n== {name} ==")
