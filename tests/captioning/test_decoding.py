@@ -153,23 +153,28 @@ def _random(arch, vocab=600, feature_dim=320, sharpen=20.0, eos_bias=1.0, seed=0
 @pytest.mark.parametrize("arch", sorted(DECODERS))
 @pytest.mark.parametrize("batch,beam_size,length_penalty", [(24, 3, 0.0), (13, 4, 0.7), (2, 3, 0.0), (1, 2, 0.5)])
 def test_beam_search_equals_the_plain_batched_search_bit_for_bit(arch, batch, beam_size, length_penalty):
-    """Per-image features kept once, back-pointers instead of a growing history: the same tokens, the same
-    scores and the same attention maps, to the last bit, on random real-width models and a trained one."""
+    """Per-image features kept once, back-pointers instead of a growing history: the same tokens, and the same
+    scores and attention maps to float rounding, on random real-width models and a trained one.
+
+    The two searches run the decoder on batches of different sizes (finished images leave the batch). On
+    AVX512 CPUs the results were equal to the last bit; on AMX CPUs oneDNN's matmul kernels round by batch
+    shape, and scores differed by up to 1e-6 (2.4e-7 relative, with the same tokens)."""
     torch.manual_seed(batch)
     feats = torch.randn(batch, 49, 320).abs()
     for model in (_random(arch, seed=batch), _random(arch, sharpen=1.0, eos_bias=0.0, seed=batch + 1)):
         ref_tokens, ref_scores, ref_alphas = _reference_beam_search(model, feats, beam_size, 14, length_penalty)
         out = beam_search(model, feats, beam_size, 14, length_penalty, return_alphas=True)
         assert out.tokens == ref_tokens
-        assert out.scores == ref_scores
+        assert out.scores == pytest.approx(ref_scores, rel=1e-6, abs=1e-6)
         if ref_alphas is None:
             assert out.alphas is None
         else:
-            assert all(torch.equal(a, b) for a, b in zip(out.alphas, ref_alphas))
+            assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(out.alphas, ref_alphas))
     trained, tfeats = _trained(arch)
     ref = _reference_beam_search(trained, tfeats, beam_size, 12, length_penalty)
     out = beam_search(trained, tfeats, beam_size, 12, length_penalty)
-    assert (out.tokens, out.scores) == ref[:2]
+    assert out.tokens == ref[0]
+    assert out.scores == pytest.approx(ref[1], rel=1e-6, abs=1e-6)
     assert len({len(t) for t in out.tokens}) > 1  # hypotheses that end early next to ones still open
 
 
