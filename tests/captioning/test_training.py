@@ -163,7 +163,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_last_complete_one(data_fi
     assert list(folder.glob(".*tmp*")), "the partial write should be left in a temporary file"
 
     model = _model(len(data.itos))
-    with caplog.at_level(logging.INFO, logger="llm_caption.captioning.training"):
+    with caplog.at_level(logging.INFO, logger="llm_caption.captioning"):
         resumed = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert resumed.resumed_from_epoch == 2
     _assert_same_as_full(full_run, resumed, model)
@@ -186,7 +186,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(data_file, ful
     folder = _copy_run(full_run, tmp_path / "ckpt")
     _truncate(folder / "last.pt")
     model = _model(len(data.itos))
-    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.training"):
+    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning"):
         result = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert f"checkpoint {folder / 'last.pt'} cannot be read safely" in caplog.text
     assert result.resumed_from_epoch == 3  # previous.pt: epoch 3; epoch 4 is trained again
@@ -201,7 +201,7 @@ def test_every_checkpoint_damaged_restarts_that_model(data_file, full_run, tmp_p
     (folder / "previous.pt").write_bytes(b"")
     _truncate(folder / "best.pt")
     model = _model(len(data.itos))
-    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.training"):
+    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning"):
         result = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert str(folder / "previous.pt") in caplog.text and "training from scratch" in caplog.text
     assert result.resumed_from_epoch == 0
@@ -215,7 +215,7 @@ def test_damaged_best_export_is_rewritten_from_the_checkpoint(data_file, full_ru
     folder = _copy_run(full_run, tmp_path / "ckpt")
     _truncate(folder / "best.pt")
     model = _model(len(data.itos))
-    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.training"):
+    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning"):
         result = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert result.resumed_from_epoch == 4 and f"{folder / 'best.pt'} was missing or damaged" in caplog.text
     # a finished model run again reports its training time (its epochs, from the checkpoint), not the rerun's
@@ -245,7 +245,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(data_file, f
     torch.save({**real, "history": _Payload(marker)}, folder / "last.pt")
     torch.save({**real, "model": _Payload(marker)}, folder / "previous.pt")
     model = _model(len(data.itos))
-    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning.training"):
+    with caplog.at_level(logging.WARNING, logger="llm_caption.captioning"):
         result = train_captioner(model, data, TrainConfig(**CFG), folder)
     assert not marker.exists(), "loading the checkpoint executed its pickle payload"
     assert f"checkpoint {folder / 'last.pt'} cannot be read safely" in caplog.text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import torch
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -91,6 +92,9 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     # The validation split is fingerprinted once, by training, and the registry records that fingerprint.
     assert champion.tags["eval_split"] == results["eval_split"][0]
     assert {f"{a}/best.pt" for a in ARCHS + [scst]} <= files_under(smoke / "06_models/caption_training")
+    # smoke's show_attend_tell fine-tunes the encoder top (cut before stage 6): its weights travel with the decoder's
+    sat = torch.load(smoke / "06_models/caption_training/show_attend_tell/best.pt", weights_only=True)["model"]
+    assert any(k.startswith("top.blocks.0.0.") for k in sat) and any(k.startswith("decoder.") for k in sat)
 
     # Second run: the checkpoints are complete, so it resumes without training and ties the champion.
     run_pipeline(kedro_project, "caption_training", env="smoke", params=SERVING)
@@ -112,6 +116,17 @@ def test_caption_training_smoke_run_registers_a_champion(kedro_project: Path):
     # epoch 0 of every variant is the same starting point, the pipeline's SCST row started from
     assert table["val_bleu4"][0] == table["val_bleu4"][2]
     assert len(client.search_model_versions("name='image-captioner'")) == 2
+
+    # The dev-split comparison of a frozen encoder and a trainable top (nothing tracked either).
+    sweep = subprocess.run([sys.executable, "-m", "llm_caption.captioning.top_sweep", "--env=smoke",
+                            "--variant=frozen", "--variant=cut_stage=6 top_lr=1.0e-3", "--epochs=1",
+                            f"--out={kedro_project.parent / 'top_sweep'}"],
+                           capture_output=True, text=True, timeout=300, cwd=kedro_project)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    table = pd.read_csv(kedro_project.parent / "top_sweep/top_sweep.csv")
+    assert table["variant"].tolist() == ["frozen", "cut_stage=6 top_lr=1.0e-3"]
+    assert table["trainable_params"][1] > table["trainable_params"][0]
+    assert {"val_bleu4", "val_cider_d", "val_loss"} <= set(table.columns)
 
     image_path = inputs["caption_images"]["image_path"][0]
     cli = subprocess.run([sys.executable, "-m", "llm_caption.caption", image_path, "--tracking-uri", uri],

@@ -19,7 +19,7 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 
 from .features import CachedFeatures, FeatureCache
-from .training import save_atomic
+from .epochs import save_atomic
 
 
 @dataclass
@@ -27,16 +27,22 @@ class FeatureSet:
     """A feature-cache entry as the experiment uses it: the grids (``cached``) and their description."""
 
     cached: CachedFeatures
-    info: dict[str, Any]  # root, key, n_images, grid_hw, channels, views, built, seconds_per_image, encoder...
+    info: dict[str, Any]  # root, key, n_images, grid_hw, channels, views, built, seconds_per_image, encoder, cut...
+    cut: CachedFeatures | None = None  # the activations at the encoder's cut (encoder_top.cut_stage), same rows
 
     @property
     def channels(self) -> int:
         return int(self.info["channels"])
 
-    def rows(self, image_ids: list[str]) -> torch.Tensor:
-        """Feature rows (view 0) of ``image_ids``."""
-        index = self.cached.index_of()
-        return self.cached.features[torch.tensor([index[i] for i in image_ids]), 0]
+    def rows(self, image_ids: list[str], cut: bool = False) -> torch.Tensor:
+        """Feature rows (view 0) of ``image_ids``: grids, or with ``cut`` the cut's activations."""
+        source = self.cached
+        if cut:
+            if self.cut is None:
+                raise ValueError("this feature cache has no cut activations (caption_training.encoder_top.cut_stage)")
+            source = self.cut
+        index = source.index_of()
+        return source.features[torch.tensor([index[i] for i in image_ids]), 0]
 
 
 class FeatureCacheDataset(AbstractDataset[FeatureSet, FeatureSet]):
@@ -52,7 +58,9 @@ class FeatureCacheDataset(AbstractDataset[FeatureSet, FeatureSet]):
             raise DatasetError(f"caption_feature_cache: {path} does not exist; run the node "
                                f"build_caption_feature_cache first")
         info = json.loads(path.read_text())
-        return FeatureSet(FeatureCache(info["root"]).load(info["key"]), info)
+        cache = FeatureCache(info["root"])
+        cut = cache.load(info["cut"]["key"]) if info.get("cut") else None
+        return FeatureSet(cache.load(info["key"]), info, cut)
 
     def save(self, data: FeatureSet) -> None:
         path = Path(self._filepath)

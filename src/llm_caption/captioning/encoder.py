@@ -131,8 +131,9 @@ def default_lite0_weights() -> str:
     return default_lite_weights("lite0")
 
 
-def _build_efficientnet_lite(variant: str, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
-    """EfficientNet-``variant`` with ``spec["weights_path"]`` or the packaged ImageNet weights (1280 channels)."""
+def lite_model(variant: str, spec: Mapping[str, Any]) -> tuple[nn.Module, str]:
+    """The EfficientNet-``variant`` classifier with ``spec["weights_path"]`` or the packaged ImageNet weights, and
+    the path of the file its weights came from."""
     from .lite0 import LITE_VARIANTS, EfficientNetLite, EfficientNetLite0
 
     weights = spec.get("weights_path") or default_lite_weights(variant)
@@ -140,6 +141,12 @@ def _build_efficientnet_lite(variant: str, spec: Mapping[str, Any]) -> tuple[Gri
     model = EfficientNetLite0() if variant == "lite0" else EfficientNetLite(channel_multiplier, depth_multiplier)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     load_state_dict_in_order(model, state, str(weights))
+    return model, str(weights)
+
+
+def _build_efficientnet_lite(variant: str, spec: Mapping[str, Any]) -> tuple[GridEncoder, str]:
+    """EfficientNet-``variant`` with ``spec["weights_path"]`` or the packaged ImageNet weights (1280 channels)."""
+    model, weights = lite_model(variant, spec)
     encoder = GridEncoder(_FeaturesTrunk(model), model.blocks, model.num_features,
                           spec.get("grid_size"), int(spec.get("fine_tune_blocks", 0)))
     return encoder, str(weights)

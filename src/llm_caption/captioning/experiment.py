@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .. import distributed
 from ..common import count_parameters, require_columns
@@ -65,9 +66,11 @@ def build_features(caption_images: pd.DataFrame, transform_spec: dict[str, Any],
     require_columns(caption_images, "caption_images", ["image_id", "image_path", "split"])
     enc_spec = dict(params["encoder"])
     if int(enc_spec.get("fine_tune_blocks", 0)):
-        raise ValueError("caption_training.encoder.fine_tune_blocks > 0 is not supported by this pipeline yet: "
-                         "the decoders train on cached features of a frozen encoder")
+        raise ValueError("caption_training.encoder.fine_tune_blocks > 0 is not supported by this pipeline: "
+                         "set caption_training.encoder_top.cut_stage and decoders.<arch>.train_encoder_top instead "
+                         "(the top trains from cached activations)")
     cache_cfg = params["feature_cache"]
+    top_cfg = top_config(params)
     encoder, weights = build_encoder(enc_spec)
     fingerprint = encoder_fingerprint(enc_spec, weights)
     transform = build_transform(transform_spec, train=False)
@@ -75,10 +78,15 @@ def build_features(caption_images: pd.DataFrame, transform_spec: dict[str, Any],
     cache = FeatureCache(cache_cfg["dir"])
     start = time.perf_counter()
     distributed.ensure_process_group()
+    cut = None
     with distributed.main_process_first():  # several processes: rank 0 builds the entry, the others read it
-        cached = cache.get_or_build(encoder, fingerprint, transform, transform_spec, images["image_id"].tolist(),
-                                    images["image_path"].tolist(), views=int(cache_cfg.get("views", 1)),
-                                    batch_size=int(cache_cfg.get("batch_size", 32)))
+        if top_cfg["cut_stage"] is None:
+            cached = cache.get_or_build(encoder, fingerprint, transform, transform_spec, images["image_id"].tolist(),
+                                        images["image_path"].tolist(), views=int(cache_cfg.get("views", 1)),
+                                        batch_size=int(cache_cfg.get("batch_size", 32)))
+        else:
+            cut, cached = _cut_and_grid(cache, enc_spec, fingerprint, transform, transform_spec, images, cache_cfg,
+                                        top_cfg)
     seconds = cached.seconds_per_image
     if not cached.built:
         seconds = _measure_encoder_seconds(encoder, transform, images["image_path"].tolist(),
@@ -88,9 +96,72 @@ def build_features(caption_images: pd.DataFrame, transform_spec: dict[str, Any],
             "views": int(cached.features.shape[1]), "built": cached.built,
             "build_time_s": time.perf_counter() - start if cached.built else 0.0,
             "seconds_per_image": float(seconds), "encoder_weights": weights, "encoder": fingerprint}
+    if cut is not None:
+        info["cut"] = {"key": cut.key, "cut_stage": top_cfg["cut_stage"], "grid_hw": list(cut.grid_hw),
+                       "channels": int(cut.features.shape[-1]), "dtype": top_cfg["dtype"], "built": cut.built}
     logger.info("Feature cache %s: %d images, grid %s x %d channels, %.3fs/image (%s)", cached.key,
                 info["n_images"], info["grid_hw"], info["channels"], seconds, "built" if cached.built else "reused")
-    return FeatureSet(cached, info)
+    return FeatureSet(cached, info, cut)
+
+
+def top_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``encoder_top`` block: ``cut_stage`` (None: no cut, every decoder on the frozen encoder's grids) and
+    ``dtype`` of the cut cache (float32 unless set)."""
+    block = dict(params.get("encoder_top") or {})
+    unknown = sorted(set(block) - {"cut_stage", "dtype", "batch_size"})
+    if unknown:
+        raise ValueError(f"caption_training.encoder_top: unknown keys {unknown} (known: cut_stage, dtype, batch_size)")
+    cut = block.get("cut_stage")
+    return {"cut_stage": None if cut is None else int(cut), "dtype": str(block.get("dtype", "float32")),
+            "batch_size": int(block.get("batch_size", 64))}
+
+
+def trains_top(params: dict[str, Any], arch: str) -> bool:
+    """Whether architecture ``arch`` fine-tunes the encoder top (``decoders.<arch>.train_encoder_top``)."""
+    wanted = bool(_decoder_block(params, arch).get("train_encoder_top", False))
+    if wanted and top_config(params)["cut_stage"] is None:
+        raise ValueError(f"decoders.{base_architecture(arch)}.train_encoder_top needs caption_training.encoder_top."
+                         "cut_stage (where the encoder is cut and its activations cached)")
+    return wanted
+
+
+def _cut_and_grid(cache: FeatureCache, enc_spec: dict[str, Any], fingerprint: dict[str, Any], transform,
+                  transform_spec: dict[str, Any], images: pd.DataFrame, cache_cfg: dict[str, Any],
+                  top_cfg: dict[str, Any]):
+    """The cut cache (the bottom's activations of every image) and the frozen encoder's grids computed from it by
+    the ImageNet top (equal to a full encoder pass: the top is the same network; written as their own entry)."""
+    from .encoder_top import CutEncoder, build_split, cut_to_grid
+
+    _, bottom, top, _ = build_split(enc_spec, top_cfg["cut_stage"])
+    cut_fp = {**fingerprint, "cut_stage": top_cfg["cut_stage"]}
+    ids, paths = images["image_id"].tolist(), images["image_path"].tolist()
+    cut = cache.get_or_build(CutEncoder(bottom), cut_fp, transform, transform_spec, ids, paths,
+                             views=int(cache_cfg.get("views", 1)), batch_size=int(cache_cfg.get("batch_size", 32)),
+                             dtype=top_cfg["dtype"])
+    grid_key = hashlib.sha256(f"{cut.key}/grid/{enc_spec.get('grid_size')}".encode()).hexdigest()[:20]
+    if cache.exists(grid_key):
+        try:
+            grid = cache.load(grid_key)
+            if grid.image_ids == cut.image_ids:
+                return cut, grid
+        except (OSError, EOFError, ValueError, KeyError) as exc:
+            logger.warning("Feature cache entry %s cannot be read (%s); rebuilding it", cache.path(grid_key), exc)
+    start = time.perf_counter()
+    n, views = cut.features.shape[:2]
+    out = None
+    with torch.inference_mode():
+        for lo in tqdm(range(0, n, top_cfg["batch_size"]), desc="grids from the cut", unit="batch"):
+            rows = cut.features[lo: lo + top_cfg["batch_size"]]
+            grids = torch.stack([cut_to_grid(top, rows[:, v], cut.grid_hw, enc_spec.get("grid_size"))
+                                 for v in range(views)], dim=1)
+            if out is None:
+                out = np.empty((n, *grids.shape[1:]), dtype=np.float16)
+            out[lo: lo + len(rows)] = grids.to(torch.float16).numpy()
+    side = int(round(out.shape[2] ** 0.5))
+    seconds = cut.seconds_per_image + (time.perf_counter() - start) / max(1, n * views)
+    grid = cache.put(grid_key, out, cut.image_ids, (side, side), seconds,
+                     {"views": int(views), "encoder": fingerprint, "from_cut": cut.key})
+    return cut, grid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,11 +210,17 @@ def _split_tensors(captions: pd.DataFrame, split: str, rows: dict[str, int]) -> 
     return CaptionSplit(image_rows, tokens)
 
 
-def caption_data(features: FeatureSet, captions: pd.DataFrame, itos: list[str]) -> CaptionData:
-    """The tensors every decoder trains on: captions of train and val pointing into the feature rows."""
+def caption_data(features: FeatureSet, captions: pd.DataFrame, itos: list[str], cut: bool = False) -> CaptionData:
+    """The tensors every decoder trains on: captions of train and val pointing into the feature rows (the grids,
+    or with ``cut`` the cut's activations, for a decoder that trains the encoder top)."""
     require_columns(captions, "captions_encoded", ["image_id", "split", "caption", "token_ids"])
     validate_captions(captions, len(itos))
     cached = features.cached
+    if cut:
+        if features.cut is None:
+            raise ValueError("a decoder with train_encoder_top needs the cut cache: set caption_training.encoder_top."
+                             "cut_stage and rebuild caption_feature_cache")
+        cached = features.cut
     rows = cached.index_of()
     val_refs = references(captions, "val")
     if not val_refs or not (captions["split"] == "train").any():
@@ -170,7 +247,7 @@ def _decoder_block(params: dict[str, Any], arch: str) -> dict[str, Any]:
 
 def decoder_kwargs(params: dict[str, Any], arch: str) -> dict[str, Any]:
     """Keyword arguments of architecture ``arch``'s decoder class (``decoders.<arch>`` without ``training``)."""
-    return {k: v for k, v in _decoder_block(params, arch).items() if k != "training"}
+    return {k: v for k, v in _decoder_block(params, arch).items() if k not in ("training", "train_encoder_top")}
 
 
 def train_config(params: dict[str, Any], arch: str, seed: int) -> TrainConfig:
@@ -200,11 +277,14 @@ def train_one(arch: str, data: CaptionData, features: FeatureSet, captions: pd.D
     eval_split = judged_split(captions, cfg.val_bleu_images)
     torch.manual_seed(cfg.seed)
     kwargs = decoder_kwargs(params, arch)
-    model = build_decoder(arch, len(data.itos), features.channels, **kwargs)
+    model = build_model(arch, params, len(data.itos), features.channels)
+    if trains_top(params, arch):
+        data = data_for(arch, params, features, captions, data)
     n_params, _ = count_parameters(model)
     n_train = int(data.train.tokens.shape[0])
     run_params = {"architecture": arch, "params": n_params, "decoder": kwargs, "training": vars(cfg),
-                  "encoder": features.info["encoder"], "feature_cache_key": features.info["key"],
+                  "encoder": features.info["encoder"], "feature_cache_key": data.key.split("-")[0],
+                  "encoder_top": top_config(params) if trains_top(params, arch) else None,
                   "train_captions": n_train, "vocab_size": len(data.itos)}
     main = distributed.is_main_process()  # several processes (torchrun): rank 0 alone tracks
     with child_run(f"caption_training.{arch}", tags={"architecture": arch}, params=run_params) if main \
@@ -232,7 +312,7 @@ def train_architectures(captions: pd.DataFrame, vocab: dict[str, Any], features:
     Returns ``caption_model_results`` (one row per architecture, with the fingerprint of the
     validation images it was judged on), ``caption_loss_history`` and ``caption_models`` (best weights).
     """
-    data = caption_data(features, captions, list(vocab["itos"]))
+    data = caption_data(features, captions, list(vocab["itos"]))  # a top-training decoder swaps in the cut's rows
     rows, history, models = [], [], {}
     for arch in params["architectures"]:
         row, arch_history, models[arch] = train_one(arch, data, features, captions, params, seed)
@@ -270,13 +350,15 @@ def train_scst_variant(base: str, base_best: dict[str, Any], data: CaptionData, 
     cfg = scst_config(params, seed)
     eval_split = judged_split(captions, cfg.val_images)
     model = load_trained(base, base_best, params, len(data.itos), features.channels)
+    if trains_top(params, base):
+        data = data_for(base, params, features, captions, data)
     n_params, _ = count_parameters(model)
     train_refs = references(captions, "train")
     rows = features.cached.index_of()
     train_rows = torch.tensor([rows[i] for i in train_refs], dtype=torch.long)
     run_params = {"architecture": name, "base_architecture": base, "params": n_params,
                   "decoder": decoder_kwargs(params, base), "scst": vars(cfg), "start_epoch": base_best.get("epoch"),
-                  "encoder": features.info["encoder"], "feature_cache_key": features.info["key"],
+                  "encoder": features.info["encoder"], "feature_cache_key": data.key.split("-")[0],
                   "train_images": len(train_rows), "vocab_size": len(data.itos)}
     main = distributed.is_main_process()
     with child_run(f"caption_training.{name}", tags={"architecture": name, "base_architecture": base},
@@ -313,9 +395,29 @@ def train_scst_variant(base: str, base_best: dict[str, Any], data: CaptionData, 
 def load_trained(arch: str, best: dict[str, Any], params: dict[str, Any], vocab_size: int,
                  channels: int) -> torch.nn.Module:
     """Architecture ``arch`` with its best weights (an entry of ``caption_models``), in eval mode."""
-    model = build_decoder(base_architecture(arch), vocab_size, channels, **decoder_kwargs(params, arch))
+    model = build_model(arch, params, vocab_size, channels)
     model.load_state_dict(best["model"])
     return model.eval()
+
+
+def build_model(arch: str, params: dict[str, Any], vocab_size: int, channels: int) -> torch.nn.Module:
+    """Architecture ``arch``'s decoder, or with ``decoders.<arch>.train_encoder_top`` a
+    :class:`.encoder_top.TopCaptioner` of the ImageNet encoder top (from ``encoder_top.cut_stage``) and the decoder."""
+    decoder = build_decoder(base_architecture(arch), vocab_size, channels, **decoder_kwargs(params, arch))
+    if not trains_top(params, arch):
+        return decoder
+    from .encoder_top import TopCaptioner, build_split
+
+    _, _, top, _ = build_split(dict(params["encoder"]), top_config(params)["cut_stage"])
+    return TopCaptioner(top, decoder, grid_size=params["encoder"].get("grid_size"))
+
+
+def data_for(arch: str, params: dict[str, Any], features: FeatureSet, captions: pd.DataFrame,
+             data: CaptionData) -> CaptionData:
+    """``data`` with the cut's activations in place of the grids when ``arch`` trains the encoder top."""
+    if not trains_top(params, arch):
+        return data
+    return caption_data(features, captions, data.itos, cut=True)
 
 
 def trained_model(models: dict[str, Any], arch: str, params: dict[str, Any], vocab_size: int,
@@ -345,7 +447,8 @@ def predict_captions(results: pd.DataFrame, models: dict[str, Any], images: pd.D
                 continue
             ids = list(refs)
             want_alphas = base_architecture(arch) == "show_attend_tell" and split == "test" and not sample
-            decoded = decode_batched(model, features.rows(ids), int(dec.get("batch_size", 64)), int(dec["beam_size"]),
+            decoded = decode_batched(model, features.rows(ids, cut=trains_top(params, arch)),
+                                     int(dec.get("batch_size", 64)), int(dec["beam_size"]),
                                      int(dec["max_len"]), float(dec.get("length_penalty", 0.0)), want_alphas,
                                      drop_finished=bool(dec.get("drop_finished", False)))
             for image_id, tokens in zip(ids, decoded.tokens):

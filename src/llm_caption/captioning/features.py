@@ -31,11 +31,14 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 
+DTYPES = ("float16", "float32")
+
+
 @dataclass
 class CachedFeatures:
     """Feature grids of an image list, row ``i`` for ``image_ids[i]``."""
 
-    features: torch.Tensor  # [N, views, P, C] float16
+    features: torch.Tensor  # [N, views, P, C] float16 (float32 for a cut cache stored so)
     image_ids: list[str]
     grid_hw: tuple[int, int]
     key: str
@@ -76,8 +79,10 @@ def cache_key(encoder_fingerprint: Mapping[str, Any], transform_spec: Mapping[st
 @torch.inference_mode()
 def extract_features(encoder: torch.nn.Module, image_paths: Sequence[str],
                      transform: Callable[[Image.Image], torch.Tensor], batch_size: int = 32,
-                     views: int = 1, desc: str = "features") -> tuple[np.ndarray, tuple[int, int], float]:
-    """Run the encoder over the images; returns ``[N, views, P, C]`` float16, the grid size and seconds per image."""
+                     views: int = 1, desc: str = "features",
+                     dtype: str = "float16") -> tuple[np.ndarray, tuple[int, int], float]:
+    """Run the encoder over the images; returns ``[N, views, P, C]`` of ``dtype`` (float16 or float32), the grid
+    size and seconds per image."""
     encoder.eval()
     out: np.ndarray | None = None
     grid_hw = (0, 0)
@@ -91,8 +96,8 @@ def extract_features(encoder: torch.nn.Module, image_paths: Sequence[str],
         stacked = torch.stack([g.flatten(2).transpose(1, 2) for g in grids], dim=1)  # [b, V, P, C]
         if out is None:
             grid_hw = (grids[0].shape[2], grids[0].shape[3])
-            out = np.empty((len(image_paths), *stacked.shape[1:]), dtype=np.float16)
-        out[lo: lo + len(paths)] = stacked.to(torch.float16).numpy()
+            out = np.empty((len(image_paths), *stacked.shape[1:]), dtype=np.dtype(dtype))
+        out[lo: lo + len(paths)] = stacked.to(getattr(torch, dtype)).numpy()
     seconds = (time.perf_counter() - start) / max(1, len(image_paths) * views)
     if out is None:
         raise ValueError("no images to encode")
@@ -123,13 +128,17 @@ class FeatureCache:
     def get_or_build(self, encoder: torch.nn.Module, encoder_fingerprint: Mapping[str, Any],
                      transform: Callable[[Image.Image], torch.Tensor], transform_spec: Mapping[str, Any],
                      image_ids: Sequence[str], image_paths: Sequence[str], views: int = 1,
-                     batch_size: int = 32) -> CachedFeatures:
-        """Read the entry for this encoder/transform/image list, or compute and write it."""
+                     batch_size: int = 32, dtype: str = "float16") -> CachedFeatures:
+        """Read the entry for this encoder/transform/image list, or compute and write it (``dtype``: float16 or
+        float32; part of the key when not float16)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"feature cache dtype {dtype!r} is not one of {list(DTYPES)}")
         image_ids, image_paths = list(map(str, image_ids)), list(map(str, image_paths))
         if len(set(image_ids)) != len(image_ids):
             raise ValueError("feature cache: image ids must be unique")
         start = time.perf_counter()
-        key = cache_key(encoder_fingerprint, transform_spec, image_ids, image_paths, views)
+        fingerprint = dict(encoder_fingerprint) if dtype == "float16" else {**encoder_fingerprint, "dtype": dtype}
+        key = cache_key(fingerprint, transform_spec, image_ids, image_paths, views)
         logger.info("Feature cache key %s from %d image digests (%.1f s)", key, len(image_ids),
                     time.perf_counter() - start)
         if self.exists(key):
@@ -144,15 +153,22 @@ class FeatureCache:
                     return cached
                 logger.warning("Feature cache entry %s lists other images; rebuilding it", self.path(key))
         logger.info("Feature cache miss: encoding %d images x %d view(s) into %s", len(image_ids), views, self.path(key))
-        feats, grid_hw, seconds = extract_features(encoder, image_paths, transform, batch_size, views)
+        feats, grid_hw, seconds = extract_features(encoder, image_paths, transform, batch_size, views, dtype=dtype)
+        return self.put(key, feats, image_ids, grid_hw, seconds,
+                        {"views": views, "encoder": fingerprint, "transform": dict(transform_spec)})
+
+    def put(self, key: str, feats: np.ndarray, image_ids: Sequence[str], grid_hw: tuple[int, int], seconds: float,
+            meta: Mapping[str, Any] | None = None) -> CachedFeatures:
+        """Write ``feats`` (``[N, views, P, C]``) as the entry ``key`` (a temporary folder moved into place)."""
+        image_ids = list(map(str, image_ids))
         tmp = self.root / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.save(tmp / "features.npy", feats)
-        meta = {"image_ids": image_ids, "grid_hw": list(grid_hw), "views": views, "seconds_per_image": seconds,
-                "encoder": dict(encoder_fingerprint), "transform": dict(transform_spec), "shape": list(feats.shape)}
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+        full = {**dict(meta or {}), "image_ids": image_ids, "grid_hw": list(grid_hw), "seconds_per_image": seconds,
+                "shape": list(feats.shape)}
+        (tmp / "meta.json").write_text(json.dumps(full, default=str))
         final = self.path(key)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        return CachedFeatures(torch.from_numpy(feats), image_ids, grid_hw, key, True, seconds)
+        return CachedFeatures(torch.from_numpy(feats), image_ids, tuple(grid_hw), key, True, seconds)

@@ -194,3 +194,40 @@ class EfficientNetLite0(EfficientNetLite):
 
     def __init__(self, num_classes: int = 1000, num_features: int = 1280, stem_size: int = 32) -> None:
         super().__init__(1.0, 1.0, num_classes=num_classes, num_features=num_features, stem_size=stem_size)
+
+
+class LiteBottom(nn.Module):
+    """The stem and stages ``[0, cut_stage)`` of an :class:`EfficientNetLite`: images -> the activations that enter
+    stage ``cut_stage`` (the cut). Shares its parameters with ``model``."""
+
+    def __init__(self, model: EfficientNetLite, cut_stage: int) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1 = model.conv_stem, model.bn1
+        self.blocks = nn.Sequential(*list(model.blocks)[:cut_stage])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+class LiteTop(nn.Module):
+    """Stages ``[cut_stage, 7)`` and the 1x1 head of an :class:`EfficientNetLite`: the cut's activations -> the
+    feature grid. Shares its parameters with ``model``, so training it trains ``model`` (whose ``state_dict`` is
+    then the fine-tuned encoder, loadable wherever the ImageNet file is)."""
+
+    def __init__(self, model: EfficientNetLite, cut_stage: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*list(model.blocks)[cut_stage:])
+        self.conv_head, self.bn2 = model.conv_head, model.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv_head(self.blocks(x)))
+
+
+def split_at(model: EfficientNetLite, cut_stage: int) -> tuple[LiteBottom, LiteTop]:
+    """``(bottom, top)`` of ``model`` cut before stage ``cut_stage`` (1..6; 7 leaves only the head on top):
+    ``top(bottom(x)) == model.forward_features(x)``."""
+    n_stages = len(model.blocks)
+    if not 1 <= int(cut_stage) <= n_stages:
+        raise ValueError(f"cut_stage {cut_stage}: EfficientNet-lite has stages 0..{n_stages - 1}; the cut must be "
+                         f"before one of stages 1..{n_stages - 1}, or {n_stages} (only the head on top)")
+    return LiteBottom(model, int(cut_stage)), LiteTop(model, int(cut_stage))

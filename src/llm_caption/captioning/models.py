@@ -250,10 +250,13 @@ def build_decoder(architecture: str, vocab_size: int, feature_dim: int, pad_id: 
 
 
 def caption_loss(model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Teacher-forced cross-entropy of ``tokens`` (``<sos> ... <eos> <pad>...``) ignoring ``<pad>``, plus the regulariser."""
+                 label_smoothing: float = 0.0, image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher-forced cross-entropy of ``tokens`` (``<sos> ... <eos> <pad>...``) ignoring ``<pad>``, plus the regulariser.
+
+    ``image_index`` (for a model whose rows of ``feats`` are images, :class:`.encoder_top.TopCaptioner`): caption
+    ``i`` belongs to row ``image_index[i]``."""
     tokens_in, targets = tokens[:, :-1], tokens[:, 1:]
-    logits, alphas = model(feats, tokens_in)
+    logits, alphas = model(feats, tokens_in) if image_index is None else model(feats, tokens_in, image_index)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=model.pad_id, label_smoothing=label_smoothing)
     if alphas is not None:

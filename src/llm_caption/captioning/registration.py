@@ -3,11 +3,14 @@
 Architectures are ranked by validation BLEU-4 (greedy, the figure training early-stops on); the
 winner is logged as a pyfunc model on its own training run (:func:`llm_caption.tracking.reopen_run`)
 and registered on the validation split it was judged on (``eval_split`` of ``caption_model_results``,
-computed once by :func:`.experiment.train_architectures`).
+computed once by :func:`.experiment.train_architectures`). A captioner that fine-tuned the encoder top is
+logged with an encoder weights file holding the fine-tuned blocks (the served model runs that encoder).
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -15,7 +18,8 @@ import pandas as pd
 from ..registry import register_and_promote
 from ..tracking import reopen_run
 from .datasets import FeatureSet
-from .experiment import base_architecture, decoder_kwargs, trained_model
+from .encoder_top import TopCaptioner, write_encoder_weights
+from .experiment import base_architecture, decoder_kwargs, top_config, trained_model
 from .pyfunc import log_captioner
 
 RANKING_METRIC = "best_val_bleu4"
@@ -43,9 +47,14 @@ def register_best(results: pd.DataFrame, models: dict[str, Any], vocab: dict[str
     best = best_architecture(results)
     arch, run_id, value = str(best["architecture"]), str(best["mlflow_run_id"]), float(best[RANKING_METRIC])
     model = trained_model(models, arch, params, len(vocab["itos"]), features.channels)
-    with reopen_run(run_id, arch):
-        model_uri = log_captioner(model, served_config(arch, transform_spec, params), vocab,
-                                  features.info["encoder_weights"], name=reg.get("artifact_name", "image-captioner"),
+    with tempfile.TemporaryDirectory() as tmp, reopen_run(run_id, arch):
+        decoder, encoder_weights = model, features.info["encoder_weights"]
+        if isinstance(model, TopCaptioner):  # the fine-tuned top travels inside the encoder's weights file
+            decoder = model.decoder
+            encoder_weights = write_encoder_weights(params["encoder"], top_config(params)["cut_stage"],
+                                                    model.top.state_dict(), Path(tmp) / "encoder_weights.pth")
+        model_uri = log_captioner(decoder, served_config(arch, transform_spec, params), vocab,
+                                  encoder_weights, name=reg.get("artifact_name", "image-captioner"),
                                   serving=params.get("serving"))
     decision = register_and_promote(model_uri, reg["model_name"], "val_bleu4", value, greater_is_better=True,
                                     eval_split=str(best["eval_split"]),

@@ -46,9 +46,9 @@ from ..common import effective_precision
 from ..limits import config_values
 from .decoding import EOS, PAD, SOS, decode_batched, greedy_decode, ids_to_words
 from .models import caption_loss
-from .training import (CaptionData, TrainConfig, TrainResult, _best_file_matches, _epoch_generator, _export_best,
-                       _Progress, _remove_partial_writes, _resume, _seed_all, _write_checkpoint, bleu4,
-                       evaluate_loss, history_seconds, rng_state)
+from .encoder_top import decoder_and_grid, param_groups
+from .epochs import epoch_generator, run_epochs
+from .training import CaptionData, TrainConfig, TrainResult, bleu4, evaluate_loss, history_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ class ScstConfig:
     samples: int = 5             # k sampled captions per image
     baseline: str = "mean"       # "mean": the mean reward of the image's other samples; "greedy": its greedy caption's
     lr: float = 5e-5
+    top_lr: float | None = None  # learning rate of a trainable encoder top (TopCaptioner); None: lr
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     max_len: int = 22            # the most tokens a sampled caption may have (``<eos>`` included)
@@ -340,10 +341,12 @@ def scst_step(model: nn.Module, feats: torch.Tensor, images: np.ndarray, cider: 
     ``cfg.xe_weight > 0`` their teacher-forced cross-entropy, times ``xe_weight``, is added to the loss.
     """
     k = cfg.samples
-    greedy = greedy_decode(model, feats, cfg.max_len)  # eval mode, no gradient
-    greedy_reward = cider.score_tokens(greedy.tokens, images)
     model.train(cfg.sample_dropout)  # default: sample the test-time policy (no dropout)
-    tokens, log_probs, mask = sample_captions(model, feats, k, cfg.max_len, generator,
+    decoder, grid = decoder_and_grid(model, feats)  # a TopCaptioner's top: once per image, with gradient
+    greedy = greedy_decode(decoder, grid.detach(), cfg.max_len)  # eval mode, no gradient
+    greedy_reward = cider.score_tokens(greedy.tokens, images)
+    model.train(cfg.sample_dropout)
+    tokens, log_probs, mask = sample_captions(decoder, grid, k, cfg.max_len, generator,
                                               cfg.eval_config().autocast())
     reward = cider.score_tokens([_cut(r) for r in tokens.tolist()], np.repeat(images, k))
     reward_t = torch.from_numpy(reward).float().view(-1, k)
@@ -359,7 +362,7 @@ def scst_step(model: nn.Module, feats: torch.Tensor, images: np.ndarray, cider: 
         if xe_tokens is None:
             raise ValueError("scst_step: xe_weight > 0 needs one training caption per image (xe_tokens)")
         with cfg.eval_config().autocast():
-            xe = caption_loss(model, feats, xe_tokens, cfg.label_smoothing).float()
+            xe = caption_loss(decoder, grid, xe_tokens, cfg.label_smoothing).float()
         loss = loss + cfg.xe_weight * xe
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -436,72 +439,30 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
     """
     if len(train_rows) != len(train_references):
         raise ValueError(f"train_scst: {len(train_rows)} training images but {len(train_references)} reference lists")
-    ckpt_dir = Path(checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    best_path = ckpt_dir / "best.pt"
     cider = CiderD(train_references, end_word=EOS_WORD if cfg.reward_eos else None).use_vocabulary(data.itos)
     start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fingerprint = _fingerprint(model, data, cfg, start_weights, len(train_rows))
     main = distributed.is_main_process()
 
     def make_optim():
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+        optimizer = torch.optim.Adam(param_groups(model, cfg.lr, cfg.top_lr, cfg.weight_decay), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
                                                                      patience=cfg.lr_patience)
 
-    _seed_all(cfg.seed)
-    if main:
-        _remove_partial_writes(ckpt_dir)
-    progress, optimizer, scheduler = (_resume(ckpt_dir, fingerprint, name, model, make_optim, cfg.seed) if resume
-                                      else (_Progress(), *make_optim()))
-    if progress.source is not None and on_epoch_end is not None and main:
-        for record in progress.history:
-            on_epoch_end(int(record["epoch"]), record, None)
-    history, best, best_epoch = progress.history, progress.best, progress.best_epoch
-    best_model, bad_epochs, stopped = progress.best_model, progress.bad_epochs, progress.stopped
-    resumed_from = progress.epoch if progress.source is not None else -1
-
-    def finish_epoch(epoch: int, record: dict[str, float], hyps: list[str]) -> None:
-        nonlocal best, best_epoch, best_model, bad_epochs, stopped
-        history.append(record)
-        value = record[cfg.select_by]
-        if value > best:
-            best, best_epoch, bad_epochs = value, epoch, 0
-            best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if main:
-                _export_best(best_path, best_model, epoch, record["val_bleu4"])
-        elif epoch > 0:
-            bad_epochs += 1
-        stopped = bad_epochs >= cfg.patience
-        if main:
-            _write_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "best": best,
-                               "best_epoch": best_epoch, "best_model": best_model, "bad_epochs": bad_epochs,
-                               "stopped": stopped, "fingerprint": fingerprint, "rng": rng_state()}, ckpt_dir)
-        sample = f"Pred: {hyps[0] if hyps else ''} / GT: {data.val_references[0][0] if data.val_references else ''}"
-        logger.info("%s epoch %d: sample reward %.3f greedy reward %.3f | val BLEU-4 %.4f CIDEr-D %.4f "
-                    "distinct %.3f words %d (%.1fs) %s", name, epoch, record["sample_reward"], record["greedy_reward"],
-                    record["val_bleu4"], record["val_cider_d"], record["val_distinct_captions"],
-                    int(record["val_vocab_used"]), record["epoch_time_s"], sample)
-        if on_epoch_end is not None and main:
-            on_epoch_end(epoch, record, sample)
-
-    if not history:  # epoch 0: the starting point, measured like every epoch
-        t0 = time.perf_counter()
-        figures, hyps = validate(model, data, cfg)
-        greedy = decode_batched(model, data.features[train_rows, 0], cfg.eval_batch_size, 1, cfg.max_len)
-        start_reward = float(cider.score_tokens(greedy.tokens, np.arange(len(train_rows))).mean())
-        finish_epoch(0, {"epoch": 0, "train_loss": float("nan"), **figures, "sample_reward": float("nan"),
-                         "greedy_reward": start_reward, "lr": cfg.lr, "epoch_time_s": time.perf_counter() - t0,
-                         "train_epoch_time_s": 0.0}, hyps)
     n_images = len(train_rows)
     captions_of = _captions_per_image(data, train_rows) if cfg.xe_weight > 0 else None
-    for epoch in range(int(history[-1]["epoch"]) + 1, cfg.epochs + 1):
-        if stopped:
-            break
+
+    def run_epoch(epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any):
         t0 = time.perf_counter()
-        gen = _epoch_generator(cfg.seed, epoch)
+        if epoch == 0:  # the starting point, measured like every epoch
+            figures, hyps = validate(model, data, cfg)
+            greedy = decode_batched(model, data.features[train_rows, 0], cfg.eval_batch_size, 1, cfg.max_len)
+            start_reward = float(cider.score_tokens(greedy.tokens, np.arange(n_images)).mean())
+            return {"epoch": 0, "train_loss": float("nan"), **figures, "sample_reward": float("nan"),
+                    "greedy_reward": start_reward, "lr": cfg.lr, "epoch_time_s": time.perf_counter() - t0,
+                    "train_epoch_time_s": 0.0}, hyps
+        gen = epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_images, generator=gen)
         totals = dict.fromkeys(["loss", "sample_reward", "greedy_reward"] + (["xe_loss"] if captions_of else []), 0.0)
         steps = 0
@@ -524,20 +485,23 @@ def train_scst(model: nn.Module, data: CaptionData, train_rows: torch.Tensor, tr
         figures, hyps = validate(model, data, cfg)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(figures["val_cider_d"])
-        finish_epoch(epoch, {"epoch": epoch, "train_loss": totals["loss"] / max(1, steps), **figures,
-                             "sample_reward": totals["sample_reward"] / max(1, steps),
-                             "greedy_reward": totals["greedy_reward"] / max(1, steps),
-                             **({"xe_loss": totals["xe_loss"] / max(1, steps)} if "xe_loss" in totals else {}),
-                             "lr": lr,
-                             "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}, hyps)
-        if stopped:
-            logger.info("%s: early stop after epoch %d (no %s gain for %d epochs)", name, epoch, cfg.select_by,
-                        cfg.patience)
-    if best_model is not None:
-        model.load_state_dict(best_model)
-        if main and not _best_file_matches(best_path, best_epoch):
-            _export_best(best_path, best_model, best_epoch, float(history[best_epoch]["val_bleu4"]))
+        return {"epoch": epoch, "train_loss": totals["loss"] / max(1, steps), **figures,
+                "sample_reward": totals["sample_reward"] / max(1, steps),
+                "greedy_reward": totals["greedy_reward"] / max(1, steps),
+                **({"xe_loss": totals["xe_loss"] / max(1, steps)} if "xe_loss" in totals else {}),
+                "lr": lr, "epoch_time_s": time.perf_counter() - t0, "train_epoch_time_s": train_time}, hyps
+
+    loop = run_epochs(model, make_optim, run_epoch, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, name=name,
+                      seed=cfg.seed, first_epoch=0, last_epoch=cfg.epochs, select_by=cfg.select_by,
+                      patience=cfg.patience, resume=resume,
+                      reference=data.val_references[0][0] if data.val_references else "", on_epoch_end=on_epoch_end,
+                      describe=lambda r: (f"sample reward {r['sample_reward']:.3f} greedy reward "
+                                          f"{r['greedy_reward']:.3f} | val BLEU-4 {r['val_bleu4']:.4f} CIDEr-D "
+                                          f"{r['val_cider_d']:.4f} distinct {r['val_distinct_captions']:.3f} "
+                                          f"words {int(r['val_vocab_used'])}"))
+    history, best_epoch = loop.history, loop.best_epoch
     best_bleu = float(next(r["val_bleu4"] for r in history if int(r["epoch"]) == best_epoch))
     return TrainResult(history=history, best_epoch=best_epoch, best_val_bleu4=best_bleu, epochs_run=len(history) - 1,
-                       resumed_from_epoch=resumed_from, train_time_s=history_seconds(history),
-                       best_checkpoint=str(best_path), last_checkpoint=str(ckpt_dir / "last.pt"))
+                       resumed_from_epoch=-1 if loop.resumed_after is None else loop.resumed_after,
+                       train_time_s=history_seconds(history), best_checkpoint=str(loop.best_path),
+                       last_checkpoint=str(loop.last_path))

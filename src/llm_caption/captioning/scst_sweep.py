@@ -60,6 +60,23 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
     return " ".join(variant.split()), overrides
 
 
+def load_environment(env: str, datasets: list[str], threads: int | None) -> tuple[dict[str, Any], list[Any]]:
+    """The Kedro environment ``env``'s parameters and the catalog entries ``datasets``; sets torch's threads to
+    ``threads`` (default: ``caption_training.torch_num_threads``)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(Path.cwd())
+    with KedroSession.create(env=env) as session:
+        context = session.load_context()
+        params = context.params
+        loaded = [context.catalog.load(name) for name in datasets]
+    threads = threads or params["caption_training"].get("torch_num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return params, loaded
+
+
 def load_start(checkpoint_dir: Path, architecture: str) -> dict[str, Any]:
     """The best cross-entropy weights of ``architecture`` (``best.pt``, loaded without pickle)."""
     path = checkpoint_dir / architecture / "best.pt"
@@ -74,10 +91,10 @@ def load_start(checkpoint_dir: Path, architecture: str) -> dict[str, Any]:
 
 def sweep(features, captions: pd.DataFrame, vocab: dict[str, Any], params: dict[str, Any], seed: int,
           architecture: str, variants: list[tuple[str, dict[str, Any]]], epochs: int, out: Path) -> pd.DataFrame:
-    from .experiment import caption_data, load_trained, references, scst_config
+    from .experiment import caption_data, data_for, load_trained, references, scst_config
     from .scst import train_scst
 
-    data = caption_data(features, captions, list(vocab["itos"]))
+    data = data_for(architecture, params, features, captions, caption_data(features, captions, list(vocab["itos"])))
     start = load_start(Path(params["checkpoint_dir"]), architecture)
     train_refs = references(captions, "train")
     rows = features.cached.index_of()
@@ -117,21 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = parse_settings(args.settings) + [parse_variant(v) for v in args.variants]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    bootstrap_project(Path.cwd())
-    with KedroSession.create(env=args.env) as session:
-        context = session.load_context()
-        params = context.params
-        catalog = context.catalog
-        features = catalog.load("caption_feature_cache")
-        captions = catalog.load("captions_encoded")
-        vocab = catalog.load("caption_vocab")
+    params, (features, captions, vocab) = load_environment(
+        args.env, ["caption_feature_cache", "captions_encoded", "caption_vocab"], args.threads)
     cfg = params["caption_training"]
-    threads = args.threads or cfg.get("torch_num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
     architecture = args.architecture or (cfg.get("scst") or {}).get("architecture") or "show_attend_tell"
     args.out.mkdir(parents=True, exist_ok=True)
     table = sweep(features, captions, vocab, cfg, int(params["seed"]), architecture, variants,
