@@ -231,13 +231,13 @@ class _DataParallel(DistributedDataParallel):
 
 
 def _distributed_step(model: nn.Module, feats: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig,
-                      world: int) -> tuple[torch.Tensor, float]:
+                      world: int, image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """One rank's loss, scaled so that DDP's gradient average is the gradient of the step's token mean over all
     ranks; returns (the loss to back-propagate, that token mean)."""
     import torch.distributed as dist
 
     with cfg.autocast():
-        loss = caption_loss(model, feats, tokens, cfg.label_smoothing)
+        loss = caption_loss(model, feats, tokens, cfg.label_smoothing, image_index)
     n_local = (tokens[:, 1:] != model.pad_id).sum().to(torch.float64)
     totals = torch.stack([n_local, loss.detach().to(torch.float64) * n_local])
     dist.all_reduce(totals)
@@ -273,8 +273,6 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
     world = distributed.world_size() if distributed.ensure_process_group() else 1
     main = distributed.is_main_process()
     per_image = bool(getattr(model, "per_image", False))
-    if per_image and world > 1:
-        raise ValueError(f"{name}: training an encoder top runs in one process (this launch has {world})")
 
     n_train = data.train.tokens.shape[0]
     sampler = EpochOrderSampler(n_train, world, distributed.rank(), cfg.seed) if world > 1 else None
@@ -320,7 +318,7 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
                     loss = caption_loss(model, feats, tokens, cfg.label_smoothing, image_index)
                 step_loss = None
             else:
-                loss, step_loss = _distributed_step(trained, feats, tokens, cfg, world)
+                loss, step_loss = _distributed_step(trained, feats, tokens, cfg, world, image_index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
