@@ -125,6 +125,19 @@ def test_image_grouped_order_keeps_each_images_captions_together():
     assert changes == 3  # four images, each once
 
 
+def test_runs_of_k_captions_per_image_spread_an_image_over_passes():
+    rows = torch.arange(6).repeat_interleave(5)
+    order = image_grouped_order(torch.randperm(30, generator=torch.Generator().manual_seed(0)), rows,
+                                torch.Generator().manual_seed(3), per_image=2)
+    assert sorted(order.tolist()) == list(range(30))
+    seen = rows[order].tolist()
+    assert seen[:12] == [r for r in seen[:12:2] for _ in (0, 1)]  # first pass: pairs of captions of each image
+    assert sorted(seen[:12:2]) == list(range(6)) and sorted(seen[24:]) == list(range(6))  # last pass: one each
+    single = rows[image_grouped_order(torch.randperm(30, generator=torch.Generator().manual_seed(0)), rows,
+                                      torch.Generator().manual_seed(3), per_image=1)].tolist()
+    assert all(sorted(single[i: i + 6]) == list(range(6)) for i in range(0, 30, 6))
+
+
 @pytest.fixture(scope="module")
 def trained(scenes, cut_cache, tmp_path_factory):
     data = _data(scenes, cut_cache.features)

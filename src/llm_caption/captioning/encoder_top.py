@@ -149,12 +149,28 @@ def param_groups(model: nn.Module, lr: float, top_lr: float | None, weight_decay
              "weight_decay": weight_decay}]
 
 
-def image_grouped_order(order: torch.Tensor, image_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def image_grouped_order(order: torch.Tensor, image_rows: torch.Tensor, generator: torch.Generator,
+                        per_image: int | None = None) -> torch.Tensor:
     """``order`` (a shuffled caption order) regrouped so that every image's captions are adjacent, images in a
-    random order drawn from ``generator``: consecutive batches then hold each image's captions together."""
+    random order drawn from ``generator``: consecutive batches then hold each image's captions together.
+
+    ``per_image=k``: runs of at most ``k`` captions of an image instead (an image's first ``k`` captions in
+    ``order`` in the first pass over the images, its next ``k`` in the second, ..., each pass in its own random
+    image order): more distinct images per batch, fewer captions sharing each top pass."""
     n_rows = int(image_rows.max()) + 1 if len(image_rows) else 0
     rank = torch.randperm(n_rows, generator=generator)
-    return order[torch.argsort(rank[image_rows[order]], stable=True)]
+    grouped = order[torch.argsort(rank[image_rows[order]], stable=True)]
+    if not per_image:
+        return grouped
+    rows = image_rows[grouped]
+    starts = torch.ones(len(rows), dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(len(rows)), 0), dim=0).values
+    chunk = (torch.arange(len(rows)) - first) // int(per_image)
+    n_chunks = int(chunk.max()) + 1
+    pair_rank = torch.randperm(n_rows * n_chunks, generator=generator)  # every pass over the images in a new order
+    key = chunk * (n_rows * n_chunks) + pair_rank[rows * n_chunks + chunk]
+    return grouped[torch.argsort(key, stable=True)]
 
 
 def write_encoder_weights(spec: Mapping[str, Any], cut_stage: int, top_state: Mapping[str, torch.Tensor],

@@ -8,7 +8,8 @@ greedy captions of the validation images, BLEU-4 and CIDEr-D, plus the teacher-f
 activations entering stage ``N`` and fine-tunes stages ``N..6`` and the head at learning rate ``X``. Every key
 of a variant other than ``cut_stage`` is a key of the architecture's training block (``lr``, ``top_lr``,
 ``epochs`` ...). The frozen variant reads the grids the first cut variant's top computes from its cut (the same
-numbers as a full encoder pass) or, with no cut variant, the plain grid cache.
+numbers as a full encoder pass; ``--frozen-grids-from-cut N`` names the cut) or, with no cut, the plain grid
+cache.
 
 Nothing is tracked or registered; the per-epoch table goes to ``<out>/top_sweep.csv`` and is printed.
 Checkpoints go to ``<out>/<variant>``, so a killed sweep resumes.
@@ -48,11 +49,13 @@ def variant_params(params: dict[str, Any], architecture: str, overrides: dict[st
 
 def sweep(images: pd.DataFrame, transform_spec: dict[str, Any], captions: pd.DataFrame, vocab: dict[str, Any],
           params: dict[str, Any], seed: int, architecture: str, variants: list[tuple[str, dict[str, Any]]],
-          epochs: int, out: Path) -> pd.DataFrame:
+          epochs: int, out: Path, frozen_cut: int | None = None) -> pd.DataFrame:
     from .experiment import build_features, build_model, caption_data, data_for, train_config
     from .training import train_captioner
 
     cuts = [v["cut_stage"] for _, v in variants if v.get("cut_stage") is not None]
+    if frozen_cut is not None:
+        cuts.insert(0, int(frozen_cut))
     base = variant_params(params, architecture, {"cut_stage": cuts[0]} if cuts else {}, epochs)
     features_by_cut = {}
     frames = []
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=7, help="epochs of every variant")
     parser.add_argument("--out", type=Path, default=Path("data/top_sweep"), help="checkpoints and table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch_num_threads)")
+    parser.add_argument("--frozen-grids-from-cut", type=int, default=None,
+                        help="the frozen variant reads the grids computed from this cut's cache (default: the first "
+                             "cut variant's; none: the plain grid cache)")
     args = parser.parse_args(argv)
     if not args.variants:
         parser.error("give at least one --variant")
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params["caption_training"]
     args.out.mkdir(parents=True, exist_ok=True)
     table = sweep(images, transform_spec, captions, vocab, cfg, int(params["seed"]), args.architecture, variants,
-                  args.epochs, args.out)
+                  args.epochs, args.out, args.frozen_grids_from_cut)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
         print(table[[c for c in SHOWN if c in table.columns]].to_string(index=False))
     return 0

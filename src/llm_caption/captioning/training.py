@@ -58,6 +58,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-4
     top_lr: float | None = None  # learning rate of a trainable encoder top (TopCaptioner); None: lr
+    top_captions_per_image: int | None = None  # TopCaptioner batches: an image's captions in runs of at most this
+                                               # many (None: all together, the fewest top passes)
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     grad_clip: float = 5.0
@@ -300,7 +302,7 @@ def train_captioner(model: nn.Module, data: CaptionData, cfg: TrainConfig, check
         gen = epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_train, generator=gen)
         if per_image:
-            order = image_grouped_order(order, data.train.image_rows, gen)
+            order = image_grouped_order(order, data.train.image_rows, gen, cfg.top_captions_per_image)
             views = torch.randint(n_views, (data.features.shape[0],), generator=gen) if n_views > 1 else None
         else:
             views = torch.randint(n_views, (n_train,), generator=gen) if n_views > 1 else None
