@@ -233,3 +233,24 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(trained, tmp_path):
     again = torch.load(folder / "last.pt", weights_only=True)["model"]
     assert any(k.startswith("top.") for k in full)
     assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_scst_fine_tunes_the_top_too(scenes, trained, tmp_path):
+    from llm_caption.captioning.scst import ScstConfig, train_scst
+
+    data = trained["data"]
+    model = _top_model(len(data.itos))
+    model.load_state_dict(trained["model"].state_dict())
+    start = {k: v.clone() for k, v in model.top.state_dict().items()}
+    captions = scenes["inputs"]["captions_encoded"]
+    rows = {image_id: i for i, image_id in enumerate(scenes["images"]["image_id"])}
+    train = captions[captions["split"] == "train"].groupby("image_id")["caption"].apply(list)
+    train_rows = torch.tensor([rows[i] for i in train.index])
+    cfg = ScstConfig(epochs=1, batch_images=3, samples=2, lr=1e-3, top_lr=1e-3, max_len=12, patience=5, seed=3)
+    result = train_scst(model, data, train_rows, train.tolist(), cfg, tmp_path / "scst")
+    assert [int(h["epoch"]) for h in result.history] == [0, 1]
+    last = torch.load(tmp_path / "scst" / "last.pt", weights_only=True)["model"]
+    moved = max(float((last[f"top.{k}"].float() - v.float()).abs().max()) for k, v in start.items()
+                if v.is_floating_point() and "running" not in k)
+    assert moved > 0.0
+    assert all(torch.equal(last[f"top.{k}"], v) for k, v in start.items() if "running" in k)  # BN statistics kept
