@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from llm_caption.llm.chat_format import tokenize_conversations
     from llm_caption.llm.models import load_model, load_tokenizer, train_chat_template
-    from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head
     from llm_caption.llm.frozen_weights import frozen_weights_cast
-    from llm_caption.llm.labelled_head import attention_crossover
+    from llm_caption.llm.labelled_head import PaddingFreeCollator, add_labelled_head, attention_crossover
     from llm_caption.llm.training import attention_implementation, cpu_supports_bf16
 
     from .llm import _params, persian_conversations

@@ -26,11 +26,10 @@ _ATTRIBUTE = "_llm_caption_cast_weight"
 _INPUTS = "_llm_caption_cast_input"
 
 
-def cast_weight(module: torch.nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+def cast_weight(module: torch.nn.Module) -> torch.Tensor:
     """The weight ``module``'s next ``F.linear`` should use: the copy in the active autocast dtype when
-    :func:`frozen_weights_cast` holds one for ``module`` and it is still current, else ``weight`` (default:
-    ``module.weight``)."""
-    weight = module.weight if weight is None else weight
+    :func:`frozen_weights_cast` holds one for ``module`` and it is still current, else ``module.weight``."""
+    weight = module.weight
     holder = module.__dict__.get(_ATTRIBUTE)
     if holder is None or not torch.is_autocast_enabled(weight.device.type):
         return weight
