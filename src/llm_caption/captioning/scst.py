@@ -341,11 +341,10 @@ def scst_step(model: nn.Module, feats: torch.Tensor, images: np.ndarray, cider: 
     ``cfg.xe_weight > 0`` their teacher-forced cross-entropy, times ``xe_weight``, is added to the loss.
     """
     k = cfg.samples
-    model.train(cfg.sample_dropout)  # default: sample the test-time policy (no dropout)
-    decoder, grid = decoder_and_grid(model, feats)  # a TopCaptioner's top: once per image, with gradient
+    decoder, grid = decoder_and_grid(model, feats)  # a TopCaptioner's top (always in eval mode): once per image
     greedy = greedy_decode(decoder, grid.detach(), cfg.max_len)  # eval mode, no gradient
     greedy_reward = cider.score_tokens(greedy.tokens, images)
-    model.train(cfg.sample_dropout)
+    model.train(cfg.sample_dropout)  # default: sample the test-time policy (no dropout)
     tokens, log_probs, mask = sample_captions(decoder, grid, k, cfg.max_len, generator,
                                               cfg.eval_config().autocast())
     reward = cider.score_tokens([_cut(r) for r in tokens.tolist()], np.repeat(images, k))
